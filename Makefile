@@ -1,0 +1,140 @@
+# Spark workers in C: sparkd (supervisor), spark-worker, sparkctl (CLI; also installed as automagik-spark).
+#   make            build (warnings are errors)
+#   make test       install missing Debian packages, build, run unit + integration tests
+#   make test SAN=1 the same under AddressSanitizer + UndefinedBehaviorSanitizer
+#   make run        start a private Redis (and PostgreSQL) when none is configured, run sparkd in the foreground
+#   make install    PREFIX=/usr/local DESTDIR=
+
+PREFIX ?= /usr/local
+BINDIR ?= $(PREFIX)/bin
+SBINDIR ?= $(PREFIX)/sbin
+MANDIR ?= $(PREFIX)/share/man
+DOCDIR ?= $(PREFIX)/share/doc/spark-workers
+DESTDIR ?=
+
+CC ?= cc
+PKG_CONFIG ?= pkg-config
+PYTHON ?= /usr/bin/python3
+
+ifeq ($(SAN),1)
+BUILD ?= build-san
+SANFLAGS = -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
+OPT ?= -O1 -g
+else
+BUILD ?= build
+SANFLAGS =
+OPT ?= -O2 -g
+endif
+
+WARN = -Wall -Wextra -Werror -Wno-unused-parameter
+CPPFLAGS_ALL = -D_GNU_SOURCE -Icommon -Iproto
+CFLAGS_ALL = -std=c11 $(OPT) $(WARN) $(SANFLAGS) -pthread $(CFLAGS)
+
+PC = $(shell $(PKG_CONFIG) --cflags $(1) 2>/dev/null)
+PL = $(shell $(PKG_CONFIG) --libs $(1) 2>/dev/null)
+
+PKGS_COMMON = libcurl
+PKGS_SPARKD = $(PKGS_COMMON) libevent msgpack
+PKGS_WORKER = $(PKGS_COMMON) hiredis jansson libpq libcrypto
+PKGS_CTL = $(PKGS_COMMON) msgpack jansson
+
+COMMON_SRC = $(wildcard common/*.c)
+PROTO_SRC = $(wildcard proto/*.c)
+SPARKD_SRC = $(wildcard sparkd/*.c)
+WORKER_SRC = $(wildcard worker/*.c)
+CTL_SRC = $(wildcard sparkctl/*.c)
+
+obj = $(patsubst %.c,$(BUILD)/obj/%.o,$(1))
+
+BINS = $(BUILD)/bin/sparkd $(BUILD)/bin/spark-worker $(BUILD)/bin/sparkctl
+
+.PHONY: all test test-unit test-integration run deps install uninstall clean format lint bench check-format
+
+all: $(BINS)
+
+$(BUILD)/obj/common/%.o: common/%.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CPPFLAGS_ALL) $(CFLAGS_ALL) $(call PC,$(PKGS_COMMON) msgpack) -MMD -MP -c $< -o $@
+$(BUILD)/obj/proto/%.o: proto/%.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CPPFLAGS_ALL) $(CFLAGS_ALL) $(call PC,msgpack) -MMD -MP -c $< -o $@
+$(BUILD)/obj/sparkd/%.o: sparkd/%.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CPPFLAGS_ALL) -Isparkd $(CFLAGS_ALL) $(call PC,$(PKGS_SPARKD)) -MMD -MP -c $< -o $@
+$(BUILD)/obj/worker/%.o: worker/%.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CPPFLAGS_ALL) -Iworker $(CFLAGS_ALL) $(call PC,$(PKGS_WORKER)) -MMD -MP -c $< -o $@
+$(BUILD)/obj/sparkctl/%.o: sparkctl/%.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CPPFLAGS_ALL) -Isparkctl $(CFLAGS_ALL) $(call PC,$(PKGS_CTL)) -MMD -MP -c $< -o $@
+
+$(BUILD)/bin/sparkd: $(call obj,$(SPARKD_SRC) $(COMMON_SRC) $(PROTO_SRC))
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_ALL) $(LDFLAGS) -o $@ $^ $(call PL,$(PKGS_SPARKD))
+$(BUILD)/bin/spark-worker: $(call obj,$(WORKER_SRC) $(COMMON_SRC))
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_ALL) $(LDFLAGS) -o $@ $^ $(call PL,$(PKGS_WORKER)) -lm
+$(BUILD)/bin/sparkctl: $(call obj,$(CTL_SRC) $(COMMON_SRC) $(PROTO_SRC))
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_ALL) $(LDFLAGS) -o $@ $^ $(call PL,$(PKGS_CTL))
+	ln -sf sparkctl $(BUILD)/bin/automagik-spark
+
+-include $(shell find $(BUILD)/obj -name '*.d' 2>/dev/null)
+
+# ---- unit tests (cmocka): tests/unit/test_<name>.c, linked with common/, proto/ and worker/ sources except main ----
+UNIT_SRC = $(wildcard tests/unit/test_*.c)
+UNIT_BINS = $(patsubst tests/unit/%.c,$(BUILD)/tests/%,$(UNIT_SRC))
+WORKER_LIB_SRC = $(filter-out worker/main.c,$(WORKER_SRC))
+SPARKD_LIB_SRC = $(filter-out sparkd/main.c,$(SPARKD_SRC))
+UNIT_PKGS = $(PKGS_WORKER) $(PKGS_SPARKD) cmocka
+
+$(BUILD)/obj/tests/unit/%.o: tests/unit/%.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CPPFLAGS_ALL) -Iworker -Isparkd $(CFLAGS_ALL) $(call PC,$(UNIT_PKGS)) -MMD -MP -c $< -o $@
+$(BUILD)/tests/%: $(BUILD)/obj/tests/unit/%.o $(call obj,$(COMMON_SRC) $(PROTO_SRC) $(WORKER_LIB_SRC) $(SPARKD_LIB_SRC))
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_ALL) $(LDFLAGS) -o $@ $^ $(call PL,$(UNIT_PKGS)) -lm
+
+test-unit: $(UNIT_BINS)
+	@set -e; for t in $(UNIT_BINS); do echo "== $$t"; $$t; done
+
+test-integration: $(BINS)
+	SPARK_BIN_DIR=$(abspath $(BUILD)/bin) SPARK_SAN=$(SAN) $(PYTHON) -m pytest -q -x -p no:cacheprovider tests/integration $(PYTEST_ARGS)
+
+test: deps
+	$(MAKE) all
+	$(MAKE) test-unit
+	$(MAKE) test-integration
+
+deps:
+	@sh scripts/deps.sh
+
+run: deps all
+	@sh scripts/run.sh $(abspath $(BUILD)/bin)
+
+bench: deps all
+	@sh bench/run.sh $(abspath $(BUILD)/bin)
+
+install: all
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(SBINDIR)
+	install -m 0755 $(BUILD)/bin/sparkd $(DESTDIR)$(SBINDIR)/sparkd
+	install -m 0755 $(BUILD)/bin/spark-worker $(DESTDIR)$(SBINDIR)/spark-worker
+	install -m 0755 $(BUILD)/bin/sparkctl $(DESTDIR)$(BINDIR)/sparkctl
+	ln -sf sparkctl $(DESTDIR)$(BINDIR)/automagik-spark
+	@if [ -d docs/man ]; then sh scripts/install-extras.sh "$(DESTDIR)" "$(PREFIX)"; fi
+
+uninstall:
+	rm -f $(DESTDIR)$(SBINDIR)/sparkd $(DESTDIR)$(SBINDIR)/spark-worker $(DESTDIR)$(BINDIR)/sparkctl \
+	    $(DESTDIR)$(BINDIR)/automagik-spark
+
+clean:
+	rm -rf build build-san
+
+FORMAT_SRC = $(wildcard common/*.[ch] proto/*.[ch] sparkd/*.[ch] worker/*.[ch] sparkctl/*.[ch] tests/unit/*.c)
+format:
+	clang-format -i $(FORMAT_SRC)
+check-format:
+	clang-format --dry-run -Werror $(FORMAT_SRC)
+lint:
+	cppcheck --quiet --error-exitcode=1 --enable=warning,portability --inline-suppr \
+	    --suppress=missingIncludeSystem -D__GNUC__ -Icommon -Iproto $(FORMAT_SRC)

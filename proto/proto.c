@@ -1,0 +1,303 @@
+#include "proto.h"
+
+#include <stdio.h>
+#include <string.h>
+
+int
+proto_reader_init(struct proto_reader *r)
+{
+	r->init = msgpack_unpacker_init(&r->unp, 64 * 1024);
+	return r->init ? 0 : -1;
+}
+
+void
+proto_reader_free(struct proto_reader *r)
+{
+	if (r->init)
+		msgpack_unpacker_destroy(&r->unp);
+	r->init = false;
+}
+
+int
+proto_reader_feed(struct proto_reader *r, const void *data, size_t len)
+{
+	/* bytes held but not yet returned as a complete object */
+	size_t pending = msgpack_unpacker_message_size(&r->unp);
+	if (pending + len > SPARK_FRAME_MAX + 16)
+		return PROTO_READ_TOO_LARGE;
+	if (msgpack_unpacker_buffer_capacity(&r->unp) < len && !msgpack_unpacker_reserve_buffer(&r->unp, len))
+		return PROTO_READ_BAD;
+	memcpy(msgpack_unpacker_buffer(&r->unp), data, len);
+	msgpack_unpacker_buffer_consumed(&r->unp, len);
+	return PROTO_READ_NEED_MORE;
+}
+
+int
+proto_reader_next(struct proto_reader *r, msgpack_unpacked *out)
+{
+	msgpack_unpack_return ret = msgpack_unpacker_next(&r->unp, out);
+	switch (ret) {
+	case MSGPACK_UNPACK_SUCCESS:
+		return PROTO_READ_FRAME;
+	case MSGPACK_UNPACK_CONTINUE:
+		return PROTO_READ_NEED_MORE;
+	case MSGPACK_UNPACK_NOMEM_ERROR:
+		return PROTO_READ_TOO_LARGE;
+	default:
+		return PROTO_READ_BAD;
+	}
+}
+
+static int
+obj_str(const msgpack_object *o, char *buf, size_t len)
+{
+	if (o->type != MSGPACK_OBJECT_STR && o->type != MSGPACK_OBJECT_BIN)
+		return -1;
+	size_t n = o->type == MSGPACK_OBJECT_STR ? o->via.str.size : o->via.bin.size;
+	const char *p = o->type == MSGPACK_OBJECT_STR ? o->via.str.ptr : o->via.bin.ptr;
+	if (n >= len || memchr(p, '\0', n) != NULL)
+		return -1;
+	memcpy(buf, p, n);
+	buf[n] = '\0';
+	return 0;
+}
+
+int
+proto_parse_request(const msgpack_object *o, struct proto_request *req, char *err, size_t errlen)
+{
+	memset(req, 0, sizeof *req);
+	if (o->type != MSGPACK_OBJECT_ARRAY || o->via.array.size != 4) {
+		snprintf(err, errlen, "a request is [0, msgid, method, [params]]");
+		return -1;
+	}
+	const msgpack_object *a = o->via.array.ptr;
+	if (a[0].type != MSGPACK_OBJECT_POSITIVE_INTEGER || a[0].via.u64 != PROTO_REQUEST) {
+		snprintf(err, errlen, "expected a request (type 0)");
+		return -1;
+	}
+	if (a[1].type != MSGPACK_OBJECT_POSITIVE_INTEGER || a[1].via.u64 > UINT32_MAX) {
+		snprintf(err, errlen, "msgid must be an unsigned 32-bit integer");
+		return -1;
+	}
+	req->msgid = (uint32_t)a[1].via.u64;
+	if (obj_str(&a[2], req->method, sizeof req->method) < 0) {
+		snprintf(err, errlen, "method must be a short string");
+		return -1;
+	}
+	if (a[3].type == MSGPACK_OBJECT_NIL)
+		return 0;
+	if (a[3].type == MSGPACK_OBJECT_MAP) {
+		/* tolerate a bare map as params */
+		req->params = &a[3];
+		return 0;
+	}
+	if (a[3].type != MSGPACK_OBJECT_ARRAY) {
+		snprintf(err, errlen, "params must be an array holding one map");
+		return -1;
+	}
+	if (a[3].via.array.size == 0)
+		return 0;
+	const msgpack_object *p = &a[3].via.array.ptr[0];
+	if (a[3].via.array.size > 1 || (p->type != MSGPACK_OBJECT_MAP && p->type != MSGPACK_OBJECT_NIL)) {
+		snprintf(err, errlen, "params must be an array holding one map");
+		return -1;
+	}
+	req->params = p->type == MSGPACK_OBJECT_MAP ? p : NULL;
+	return 0;
+}
+
+int
+proto_parse_message(const msgpack_object *o, struct proto_message *m, char *err, size_t errlen)
+{
+	memset(m, 0, sizeof *m);
+	if (o->type != MSGPACK_OBJECT_ARRAY || o->via.array.size < 3) {
+		snprintf(err, errlen, "not a msgpack-RPC message");
+		return -1;
+	}
+	const msgpack_object *a = o->via.array.ptr;
+	if (a[0].type != MSGPACK_OBJECT_POSITIVE_INTEGER) {
+		snprintf(err, errlen, "bad message type");
+		return -1;
+	}
+	m->type = (int)a[0].via.u64;
+	if (m->type == PROTO_RESPONSE && o->via.array.size == 4) {
+		if (a[1].type != MSGPACK_OBJECT_POSITIVE_INTEGER) {
+			snprintf(err, errlen, "bad msgid");
+			return -1;
+		}
+		m->msgid = (uint32_t)a[1].via.u64;
+		m->error = &a[2];
+		m->result = &a[3];
+		return 0;
+	}
+	if (m->type == PROTO_NOTIFY && o->via.array.size == 3) {
+		if (obj_str(&a[1], m->method, sizeof m->method) < 0) {
+			snprintf(err, errlen, "bad notification method");
+			return -1;
+		}
+		if (a[2].type == MSGPACK_OBJECT_ARRAY && a[2].via.array.size > 0)
+			m->result = &a[2].via.array.ptr[0];
+		return 0;
+	}
+	snprintf(err, errlen, "unexpected message type %d", m->type);
+	return -1;
+}
+
+const msgpack_object *
+proto_map_get(const msgpack_object *map, const char *key)
+{
+	if (map == NULL || map->type != MSGPACK_OBJECT_MAP)
+		return NULL;
+	size_t kl = strlen(key);
+	for (uint32_t i = 0; i < map->via.map.size; i++) {
+		const msgpack_object *k = &map->via.map.ptr[i].key;
+		if (k->type == MSGPACK_OBJECT_STR && k->via.str.size == kl && memcmp(k->via.str.ptr, key, kl) == 0)
+			return &map->via.map.ptr[i].val;
+	}
+	return NULL;
+}
+
+int
+proto_get_bool(const msgpack_object *map, const char *key, bool *out)
+{
+	const msgpack_object *v = proto_map_get(map, key);
+	if (v == NULL || v->type == MSGPACK_OBJECT_NIL)
+		return 0;
+	if (v->type != MSGPACK_OBJECT_BOOLEAN)
+		return -1;
+	*out = v->via.boolean;
+	return 1;
+}
+
+int
+proto_get_int(const msgpack_object *map, const char *key, int64_t *out)
+{
+	const msgpack_object *v = proto_map_get(map, key);
+	if (v == NULL || v->type == MSGPACK_OBJECT_NIL)
+		return 0;
+	if (v->type == MSGPACK_OBJECT_POSITIVE_INTEGER) {
+		if (v->via.u64 > INT64_MAX)
+			return -1;
+		*out = (int64_t)v->via.u64;
+		return 1;
+	}
+	if (v->type == MSGPACK_OBJECT_NEGATIVE_INTEGER) {
+		*out = v->via.i64;
+		return 1;
+	}
+	return -1;
+}
+
+int
+proto_get_double(const msgpack_object *map, const char *key, double *out)
+{
+	const msgpack_object *v = proto_map_get(map, key);
+	if (v == NULL || v->type == MSGPACK_OBJECT_NIL)
+		return 0;
+	switch (v->type) {
+	case MSGPACK_OBJECT_FLOAT32:
+	case MSGPACK_OBJECT_FLOAT64:
+		*out = v->via.f64;
+		return 1;
+	case MSGPACK_OBJECT_POSITIVE_INTEGER:
+		*out = (double)v->via.u64;
+		return 1;
+	case MSGPACK_OBJECT_NEGATIVE_INTEGER:
+		*out = (double)v->via.i64;
+		return 1;
+	default:
+		return -1;
+	}
+}
+
+int
+proto_get_str(const msgpack_object *map, const char *key, char *buf, size_t len)
+{
+	const msgpack_object *v = proto_map_get(map, key);
+	if (v == NULL || v->type == MSGPACK_OBJECT_NIL)
+		return 0;
+	return obj_str(v, buf, len) < 0 ? -1 : 1;
+}
+
+void
+proto_pack_str(msgpack_packer *pk, const char *s)
+{
+	size_t n = strlen(s);
+	msgpack_pack_str(pk, n);
+	msgpack_pack_str_body(pk, s, n);
+}
+
+void
+proto_pack_key(msgpack_packer *pk, const char *k)
+{
+	proto_pack_str(pk, k);
+}
+
+void
+proto_pack_kv_str(msgpack_packer *pk, const char *k, const char *v)
+{
+	proto_pack_str(pk, k);
+	if (v == NULL)
+		msgpack_pack_nil(pk);
+	else
+		proto_pack_str(pk, v);
+}
+
+void
+proto_pack_kv_int(msgpack_packer *pk, const char *k, int64_t v)
+{
+	proto_pack_str(pk, k);
+	msgpack_pack_int64(pk, v);
+}
+
+void
+proto_pack_kv_double(msgpack_packer *pk, const char *k, double v)
+{
+	proto_pack_str(pk, k);
+	msgpack_pack_double(pk, v);
+}
+
+void
+proto_pack_kv_bool(msgpack_packer *pk, const char *k, bool v)
+{
+	proto_pack_str(pk, k);
+	if (v)
+		msgpack_pack_true(pk);
+	else
+		msgpack_pack_false(pk);
+}
+
+void
+proto_pack_request_head(msgpack_packer *pk, uint32_t msgid, const char *method)
+{
+	msgpack_pack_array(pk, 4);
+	msgpack_pack_uint8(pk, PROTO_REQUEST);
+	msgpack_pack_uint32(pk, msgid);
+	proto_pack_str(pk, method);
+}
+
+void
+proto_pack_response_head(msgpack_packer *pk, uint32_t msgid)
+{
+	msgpack_pack_array(pk, 4);
+	msgpack_pack_uint8(pk, PROTO_RESPONSE);
+	msgpack_pack_uint32(pk, msgid);
+}
+
+void
+proto_pack_error_response(msgpack_packer *pk, uint32_t msgid, const char *code, const char *message)
+{
+	proto_pack_response_head(pk, msgid);
+	msgpack_pack_map(pk, 2);
+	proto_pack_kv_str(pk, "code", code);
+	proto_pack_kv_str(pk, "message", message);
+	msgpack_pack_nil(pk);
+}
+
+void
+proto_pack_notify_head(msgpack_packer *pk, const char *method)
+{
+	msgpack_pack_array(pk, 3);
+	msgpack_pack_uint8(pk, PROTO_NOTIFY);
+	proto_pack_str(pk, method);
+}

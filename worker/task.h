@@ -1,0 +1,86 @@
+/*
+ * The boundary between the worker engine (broker, results, retries, limits: engine-*.c, broker.c, ...)
+ * and task implementations (built-ins in tasks.c, workflows in workflow.c).
+ *
+ * The engine decodes the Celery message, fills the "in" part, calls the task function on a slot thread,
+ * and then acts on the "out" part: store the result, publish a retry, or record a failure, then ack.
+ */
+#ifndef SPARK_TASK_H
+#define SPARK_TASK_H
+
+#include <jansson.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+
+#include "config.h"
+
+enum task_outcome {
+	TASK_SUCCESS = 0, /* result holds the return value */
+	TASK_FAILURE,	  /* exc_* describe the error; not retried */
+	TASK_RETRY,	  /* a retryable error (connect error, timeout, 5xx); the engine decides whether retries remain */
+};
+
+/* Why the cancel flag was raised. */
+enum task_cancel {
+	TASK_CANCEL_NONE = 0,
+	TASK_CANCEL_SOFT_LIMIT, /* soft time limit reached: stop cleanly */
+	TASK_CANCEL_SHUTDOWN,	/* cold stop: stop now, the message goes back to the queue */
+	TASK_CANCEL_HARD_LIMIT, /* hard limit: the engine is about to record TimeLimitExceeded */
+};
+
+struct task_run {
+	/* ---- in (borrowed, valid during the call) ---- */
+	const char *task_id;   /* Celery task id */
+	const char *task_name;
+	json_t *args;	       /* JSON array */
+	json_t *kwargs;	       /* JSON object */
+	json_t *headers;       /* the message headers object */
+	int retries;	       /* headers.retries: 0 on the first run */
+	int max_retries;       /* CELERY_TASK_MAX_RETRIES */
+	bool last_attempt;     /* true when a TASK_RETRY outcome would not be retried (retries >= max_retries) */
+	double retry_countdown; /* seconds until the retry, if this run ends TASK_RETRY and retries remain */
+	bool redelivered;      /* the message was put back after a crash or stop: the task may have run before */
+	const struct spark_config *cfg;
+	int slot;	       /* slot number inside this process (0-based) */
+	const char *node;      /* worker node name, e.g. celery-1@host */
+
+	/*
+	 * Raised (enum task_cancel) by the engine's timer or by a cold stop. Long tasks poll it
+	 * (at least every 100 ms) and HTTP transfers abort through their progress callback.
+	 */
+	atomic_int *cancel;
+
+	/* ---- out ---- */
+	enum task_outcome outcome;
+	json_t *result;		/* TASK_SUCCESS: new reference, or NULL for null */
+	char exc_type[64];	/* e.g. "ValueError", "TimeoutError", "SoftTimeLimitExceeded" */
+	char exc_module[64];	/* e.g. "builtins", "celery.exceptions" */
+	char exc_message[1024]; /* one line; never contains a secret */
+};
+
+typedef void (*task_fn)(struct task_run *run);
+
+/* Set a failure (or retryable failure) on run in one call. */
+void task_fail(struct task_run *run, enum task_outcome outcome, const char *exc_module, const char *exc_type,
+    const char *fmt, ...) __attribute__((format(printf, 5, 6)));
+
+/* Built-in tasks (tasks.c). */
+void task_noop(struct task_run *run);	/* spark.noop(x) -> x */
+void task_sleep(struct task_run *run);	/* spark.sleep(seconds) -> seconds; wakes on cancel */
+
+/*
+ * Workflow tasks (workflow.c). workflow_init runs once per process before any slot starts; when DATABASE_URL
+ * is unset it does nothing and the workflow tasks fail with a clear error. A database that is down never
+ * stops the worker: init failures are logged and retried when a task needs the database.
+ */
+int workflow_init(const struct spark_config *cfg, const char *node, int slots);
+void workflow_shutdown(void);
+void task_execute_workflow(struct task_run *run); /* automagik_spark.core.tasks.workflow_tasks.execute_workflow */
+void task_run_task(struct task_run *run);	  /* spark.run_task(task_row_id) */
+/* Apply the migrations and exit status (spark-worker --migrate; sparkctl db migrate). */
+int workflow_migrate(const struct spark_config *cfg);
+
+/* Look up a task by name; NULL when unknown. */
+task_fn task_lookup(const char *name);
+
+#endif
