@@ -18,6 +18,8 @@ enum task_outcome {
 	TASK_SUCCESS = 0, /* result holds the return value */
 	TASK_FAILURE,	  /* exc_* describe the error; not retried */
 	TASK_RETRY,	  /* a retryable error (connect error, timeout, 5xx); the engine decides whether retries remain */
+	TASK_DEFER,	  /* could not even record (database down): put the message back after a short delay,
+			     not counted as a retry and not acked until a later run records it */
 };
 
 /* Why the cancel flag was raised. */
