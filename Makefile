@@ -121,7 +121,7 @@ install: all
 	install -m 0755 $(BUILD)/bin/spark-worker $(DESTDIR)$(SBINDIR)/spark-worker
 	install -m 0755 $(BUILD)/bin/sparkctl $(DESTDIR)$(BINDIR)/sparkctl
 	ln -sf sparkctl $(DESTDIR)$(BINDIR)/automagik-spark
-	@if [ -d docs/man ]; then sh scripts/install-extras.sh "$(DESTDIR)" "$(PREFIX)"; fi
+	sh scripts/install-extras.sh "$(DESTDIR)" "$(PREFIX)"
 
 uninstall:
 	rm -f $(DESTDIR)$(SBINDIR)/sparkd $(DESTDIR)$(SBINDIR)/spark-worker $(DESTDIR)$(BINDIR)/sparkctl \
