@@ -95,6 +95,13 @@ $(BUILD)/tests/%: $(BUILD)/obj/tests/unit/%.o $(call obj,$(COMMON_SRC) $(PROTO_S
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_ALL) $(LDFLAGS) -o $@ $^ $(call PL,$(UNIT_PKGS)) -lm
 
+# sparkctl's pure helpers (tests/unit/test_sparkctl_*.c): linked with sparkctl/ except main.c, common/ and proto/,
+# never with sparkd's or the worker's objects. The longer pattern wins over the rule above (shortest stem).
+CTL_LIB_SRC = $(filter-out sparkctl/main.c,$(CTL_SRC))
+$(BUILD)/tests/test_sparkctl_%: $(BUILD)/obj/tests/unit/test_sparkctl_%.o $(call obj,$(COMMON_SRC) $(PROTO_SRC) $(CTL_LIB_SRC))
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_ALL) $(LDFLAGS) -o $@ $^ $(call PL,$(PKGS_CTL) cmocka)
+
 test-unit: $(UNIT_BINS)
 	@set -e; for t in $(UNIT_BINS); do echo "== $$t"; $$t; done
 

@@ -6,8 +6,143 @@
 int
 proto_reader_init(struct proto_reader *r)
 {
+	memset(&r->scan, 0, sizeof r->scan);
 	r->init = msgpack_unpacker_init(&r->unp, 64 * 1024);
 	return r->init ? 0 : -1;
+}
+
+static uint64_t
+be_uint(const unsigned char *p, unsigned n)
+{
+	uint64_t v = 0;
+	for (unsigned i = 0; i < n; i++)
+		v = (v << 8) | p[i];
+	return v;
+}
+
+/* One complete value: close every container it completes; a frame ends when none is left open. */
+static void
+scan_value_done(struct proto_scan *s)
+{
+	while (s->depth > 0) {
+		if (--s->left[s->depth - 1] > 0)
+			return;
+		s->depth--;
+	}
+	s->frame_bytes = 0;
+}
+
+/* Act on a complete type header (type byte + its length bytes). */
+static int
+scan_header(struct proto_scan *s, const unsigned char *h)
+{
+	unsigned char b = h[0];
+	uint64_t room = SPARK_FRAME_MAX - (s->frame_bytes < SPARK_FRAME_MAX ? s->frame_bytes : SPARK_FRAME_MAX);
+	uint64_t n = 0;
+	bool container = false, payload = false;
+
+	if (b <= 0x7f || b >= 0xe0 || b == 0xc0 || b == 0xc2 || b == 0xc3) {
+		scan_value_done(s);
+		return PROTO_READ_NEED_MORE;
+	}
+	if (b == 0xc1)
+		return PROTO_READ_BAD;
+	if (b >= 0x80 && b <= 0x8f) {
+		n = 2ULL * (b & 0x0f);
+		container = true;
+	} else if (b >= 0x90 && b <= 0x9f) {
+		n = b & 0x0f;
+		container = true;
+	} else if (b >= 0xa0 && b <= 0xbf) {
+		n = b & 0x1f;
+		payload = true;
+	} else {
+		switch (b) {
+		case 0xc4: case 0xd9: n = h[1]; payload = true; break;
+		case 0xc5: case 0xda: n = be_uint(h + 1, 2); payload = true; break;
+		case 0xc6: case 0xdb: n = be_uint(h + 1, 4); payload = true; break;
+		case 0xc7: n = h[1] + 1ULL; payload = true; break;
+		case 0xc8: n = be_uint(h + 1, 2) + 1; payload = true; break;
+		case 0xc9: n = be_uint(h + 1, 4) + 1; payload = true; break;
+		case 0xca: n = 4; payload = true; break;
+		case 0xcb: n = 8; payload = true; break;
+		case 0xcc: case 0xd0: n = 1; payload = true; break;
+		case 0xcd: case 0xd1: n = 2; payload = true; break;
+		case 0xce: case 0xd2: n = 4; payload = true; break;
+		case 0xcf: case 0xd3: n = 8; payload = true; break;
+		case 0xd4: n = 2; payload = true; break;
+		case 0xd5: n = 3; payload = true; break;
+		case 0xd6: n = 5; payload = true; break;
+		case 0xd7: n = 9; payload = true; break;
+		case 0xd8: n = 17; payload = true; break;
+		case 0xdc: n = be_uint(h + 1, 2); container = true; break;
+		case 0xdd: n = be_uint(h + 1, 4); container = true; break;
+		case 0xde: n = 2 * be_uint(h + 1, 2); container = true; break;
+		case 0xdf: n = 2 * be_uint(h + 1, 4); container = true; break;
+		default: return PROTO_READ_BAD;
+		}
+	}
+	/* every item takes at least one byte: more than fits is an oversized frame, refused now */
+	if (n > room)
+		return PROTO_READ_TOO_LARGE;
+	if (payload) {
+		s->skip = n;
+		if (n == 0)
+			scan_value_done(s);
+		return PROTO_READ_NEED_MORE;
+	}
+	(void)container;
+	if (n == 0) {
+		scan_value_done(s);
+		return PROTO_READ_NEED_MORE;
+	}
+	if (s->depth >= PROTO_SCAN_DEPTH)
+		return PROTO_READ_BAD;
+	s->left[s->depth++] = n;
+	return PROTO_READ_NEED_MORE;
+}
+
+static unsigned
+scan_header_len(unsigned char b)
+{
+	switch (b) {
+	case 0xc4: case 0xc7: case 0xd9: return 2;
+	case 0xc5: case 0xc8: case 0xda: case 0xdc: case 0xde: return 3;
+	case 0xc6: case 0xc9: case 0xdb: case 0xdd: case 0xdf: return 5;
+	default: return 1;
+	}
+}
+
+int
+proto_scan_feed(struct proto_scan *s, const unsigned char *p, size_t len)
+{
+	size_t i = 0;
+	while (i < len) {
+		if (s->skip > 0) {
+			size_t n = len - i < s->skip ? len - i : (size_t)s->skip;
+			s->skip -= n;
+			s->frame_bytes += n;
+			i += n;
+			if (s->skip == 0)
+				scan_value_done(s);
+			continue;
+		}
+		if (s->hdr_have == 0)
+			s->hdr_need = scan_header_len(p[i]);
+		s->hdr[s->hdr_have++] = p[i++];
+		s->frame_bytes++;
+		if (s->frame_bytes > SPARK_FRAME_MAX)
+			return PROTO_READ_TOO_LARGE;
+		if (s->hdr_have < s->hdr_need)
+			continue;
+		s->hdr_have = 0;
+		int rc = scan_header(s, s->hdr);
+		if (rc != PROTO_READ_NEED_MORE)
+			return rc;
+	}
+	if (s->frame_bytes > SPARK_FRAME_MAX)
+		return PROTO_READ_TOO_LARGE;
+	return PROTO_READ_NEED_MORE;
 }
 
 void
@@ -21,9 +156,11 @@ proto_reader_free(struct proto_reader *r)
 int
 proto_reader_feed(struct proto_reader *r, const void *data, size_t len)
 {
-	/* bytes held but not yet returned as a complete object */
-	size_t pending = msgpack_unpacker_message_size(&r->unp);
-	if (pending + len > SPARK_FRAME_MAX + 16)
+	int rc = proto_scan_feed(&r->scan, data, len);
+	if (rc != PROTO_READ_NEED_MORE)
+		return rc;
+	/* bytes held but not yet returned as complete objects: a peer that pipelines faster than it is served */
+	if (msgpack_unpacker_message_size(&r->unp) + len > 4 * (size_t)SPARK_FRAME_MAX)
 		return PROTO_READ_TOO_LARGE;
 	if (msgpack_unpacker_buffer_capacity(&r->unp) < len && !msgpack_unpacker_reserve_buffer(&r->unp, len))
 		return PROTO_READ_BAD;

@@ -43,11 +43,31 @@
 #define PROTO_E_STOPPING "stopping"
 #define PROTO_E_INTERNAL "internal"
 
-/* Incremental frame reader over msgpack-c's streaming unpacker, with the 1 MiB cap. */
+/*
+ * Incremental frame reader over msgpack-c's streaming unpacker, with the 1 MiB cap.
+ * msgpack-c has no limits of its own: it allocates an array32's object slots as soon as it reads the header,
+ * and waits patiently for a str32 announcing 1 GiB. So the bytes pass a small structural scan first (type
+ * headers only, no values decoded) that refuses, as soon as it is announced, any container or string that
+ * cannot fit in what is left of a 1 MiB frame.
+ */
+#define PROTO_SCAN_DEPTH 32
+struct proto_scan {
+	size_t frame_bytes;		    /* bytes of the current frame seen so far */
+	uint64_t skip;			    /* payload bytes still to pass over */
+	unsigned char hdr[5];		    /* a header split across reads */
+	unsigned hdr_have, hdr_need;
+	uint64_t left[PROTO_SCAN_DEPTH]; /* items still expected per open container */
+	int depth;
+};
+
 struct proto_reader {
 	msgpack_unpacker unp;
+	struct proto_scan scan;
 	bool init;
 };
+
+/* The structural scan alone (exposed for tests): PROTO_READ_NEED_MORE, _BAD or _TOO_LARGE. */
+int proto_scan_feed(struct proto_scan *s, const unsigned char *p, size_t len);
 
 enum proto_read {
 	PROTO_READ_NEED_MORE = 0,

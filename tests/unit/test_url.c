@@ -1,0 +1,209 @@
+/* Broker URLs (redis://, unix://), passwords with escapes, rediss refused, redaction, PostgreSQL URLs. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "url.h"
+
+static struct redis_url
+ok(const char *s)
+{
+	struct redis_url u;
+	char err[256] = "";
+	if (redis_url_parse(s, &u, err, sizeof err) != 0)
+		fail_msg("'%s' refused: %s", s, err);
+	return u;
+}
+
+static void
+bad(const char *s, const char *why)
+{
+	struct redis_url u;
+	char err[256] = "";
+	if (redis_url_parse(s, &u, err, sizeof err) != -1)
+		fail_msg("'%s' accepted", s ? s : "(null)");
+	if (why != NULL && strstr(err, why) == NULL)
+		fail_msg("'%s': error '%s' should mention '%s'", s ? s : "(null)", err, why);
+	if (strstr(err, "hunter2") != NULL)
+		fail_msg("error '%s' shows the password", err);
+	/* a refused URL leaves nothing allocated */
+	assert_null(u.host);
+	assert_null(u.password);
+}
+
+static void
+test_redis_urls(void **state)
+{
+	(void)state;
+	struct redis_url u = ok("redis://localhost:6379/0");
+	assert_string_equal(u.host, "localhost");
+	assert_int_equal(u.port, 6379);
+	assert_int_equal(u.db, 0);
+	assert_null(u.path);
+	assert_null(u.user);
+	assert_null(u.password);
+	redis_url_free(&u);
+
+	u = ok("redis://redis");
+	assert_string_equal(u.host, "redis");
+	assert_int_equal(u.port, 6379);
+	assert_int_equal(u.db, 0);
+	redis_url_free(&u);
+
+	u = ok("redis://127.0.0.1:6390/15");
+	assert_int_equal(u.port, 6390);
+	assert_int_equal(u.db, 15);
+	redis_url_free(&u);
+
+	u = ok("redis://h:1/");
+	assert_int_equal(u.db, 0);
+	redis_url_free(&u);
+
+	u = ok("redis://h/0?db=5");
+	assert_int_equal(u.db, 5);
+	redis_url_free(&u);
+
+	u = ok("redis://[::1]:6380/2");
+	assert_string_equal(u.host, "::1");
+	assert_int_equal(u.port, 6380);
+	assert_int_equal(u.db, 2);
+	redis_url_free(&u);
+}
+
+static void
+test_passwords(void **state)
+{
+	(void)state;
+	struct redis_url u = ok("redis://:hunter2@h:6379/0");
+	assert_null(u.user);
+	assert_string_equal(u.password, "hunter2");
+	redis_url_free(&u);
+
+	u = ok("redis://default:hunter2@h/1");
+	assert_string_equal(u.user, "default");
+	assert_string_equal(u.password, "hunter2");
+	assert_int_equal(u.db, 1);
+	redis_url_free(&u);
+
+	/* percent-escapes are decoded: p@ss:w/rd%x */
+	u = ok("redis://:p%40ss%3Aw%2Frd%25x@h:7000/3");
+	assert_string_equal(u.password, "p@ss:w/rd%x");
+	assert_int_equal(u.port, 7000);
+	assert_int_equal(u.db, 3);
+	redis_url_free(&u);
+
+	u = ok("redis://us%20er:pa%20ss@h");
+	assert_string_equal(u.user, "us er");
+	assert_string_equal(u.password, "pa ss");
+	redis_url_free(&u);
+}
+
+static void
+test_unix_urls(void **state)
+{
+	(void)state;
+	struct redis_url u = ok("unix:///var/run/redis/redis.sock?db=2");
+	assert_null(u.host);
+	assert_string_equal(u.path, "/var/run/redis/redis.sock");
+	assert_int_equal(u.db, 2);
+	redis_url_free(&u);
+
+	u = ok("unix:///tmp/r.sock");
+	assert_string_equal(u.path, "/tmp/r.sock");
+	assert_int_equal(u.db, 0);
+	redis_url_free(&u);
+
+	u = ok("redis+socket:///tmp/r.sock?db=1");
+	assert_string_equal(u.path, "/tmp/r.sock");
+	assert_int_equal(u.db, 1);
+	redis_url_free(&u);
+
+	bad("unix://", "unix:///path");
+	bad("unix:///", "absolute path");
+	bad("unix:///tmp/r.sock?db=x", "db");
+}
+
+static void
+test_refused(void **state)
+{
+	(void)state;
+	bad("rediss://h:6379/0", "rediss");
+	bad("rediss://:hunter2@h:6379/0", "TLS");
+	bad("nonsense", "redis://");
+	bad("", "redis://");
+	bad(NULL, "redis://");
+	bad("http://h:6379/0", "redis://");
+	bad("amqp://guest:hunter2@h//", "redis://");
+	bad("redis://", NULL);
+	bad("redis://h:0/0", "port");
+	bad("redis://h:70000/0", NULL);
+	bad("redis://:hunter2@h:notaport/0", NULL);
+	bad("redis://h/notadb", "database");
+	bad("redis://h/-1", "database");
+	bad("redis://h/0?db=-2", "db");
+}
+
+static void
+redacts(const char *in, const char *want)
+{
+	char *r = url_redact(in);
+	assert_string_equal(r, want);
+	free(r);
+}
+
+static void
+test_redaction(void **state)
+{
+	(void)state;
+	redacts("redis://:hunter2@h:6379/0", "redis://:***@h:6379/0");
+	redacts("redis://user:hunter2@h/0", "redis://user:***@h/0");
+	redacts("redis://hunter2@h/0", "redis://***@h/0");
+	redacts("redis://:p@ss@h/0", "redis://:***@h/0");
+	redacts("redis://h:6379/0", "redis://h:6379/0");
+	redacts("redis://h/0?password=x@y", "redis://h/0?password=x@y");
+	redacts("postgresql+asyncpg://spark:hunter2@db:5432/spark", "postgresql+asyncpg://spark:***@db:5432/spark");
+	redacts("unix:///tmp/r.sock?db=1", "unix:///tmp/r.sock?db=1");
+	redacts("nonsense", "nonsense");
+	redacts("", "");
+	char *r = url_redact(NULL);
+	assert_string_equal(r, "");
+	free(r);
+}
+
+static void
+test_pg_normalize(void **state)
+{
+	(void)state;
+	char *s = pg_url_normalize("postgresql+asyncpg://u:p@db:5432/spark");
+	assert_string_equal(s, "postgresql://u:p@db:5432/spark");
+	free(s);
+	s = pg_url_normalize("postgresql://u:p@db/spark");
+	assert_string_equal(s, "postgresql://u:p@db/spark");
+	free(s);
+	s = pg_url_normalize("postgres+psycopg2://db/x");
+	assert_string_equal(s, "postgres://db/x");
+	free(s);
+	/* a '+' in the password is not a driver suffix */
+	s = pg_url_normalize("postgresql://u:a+b@db/x");
+	assert_string_equal(s, "postgresql://u:a+b@db/x");
+	free(s);
+}
+
+int
+main(void)
+{
+	const struct CMUnitTest tests[] = {
+	    cmocka_unit_test(test_redis_urls),
+	    cmocka_unit_test(test_passwords),
+	    cmocka_unit_test(test_unix_urls),
+	    cmocka_unit_test(test_refused),
+	    cmocka_unit_test(test_redaction),
+	    cmocka_unit_test(test_pg_normalize),
+	};
+	return cmocka_run_group_tests_name("url", tests, NULL, NULL);
+}

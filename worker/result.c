@@ -1,0 +1,64 @@
+/* Celery result meta in the Redis result backend (reference §3): what AsyncResult.get() in Python reads. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "util.h"
+#include "worker.h"
+
+json_t *
+result_exception(const char *module, const char *type, const char *message)
+{
+	json_t *msg = json_string(message);
+	if (msg == NULL) /* not UTF-8: never lose the failure for it */
+		msg = json_string("(undecodable message)");
+	return json_pack("{s:s, s:[o], s:s}", "exc_type", type, "exc_message", msg, "exc_module", module);
+}
+
+static bool
+state_ready(const char *status)
+{
+	return strcmp(status, "SUCCESS") == 0 || strcmp(status, "FAILURE") == 0 || strcmp(status, "REVOKED") == 0;
+}
+
+int
+result_store(struct rconn *rc, const char *task_id, const char *status, json_t *result, const char *traceback,
+    const struct message *m)
+{
+	json_t *meta = json_object();
+	json_object_set_new(meta, "status", json_string(status));
+	json_object_set_new(meta, "result", result ? result : json_null());
+	json_object_set_new(meta, "traceback", traceback ? json_string(traceback) : json_null());
+	json_object_set_new(meta, "children", json_array());
+	if (state_ready(status)) {
+		char iso[64];
+		message_format_iso(now_wall(), false, iso, sizeof iso);
+		json_object_set_new(meta, "date_done", json_string(iso));
+	} else {
+		json_object_set_new(meta, "date_done", json_null());
+	}
+	if (m != NULL && json_is_object(m->headers)) {
+		json_t *v = json_object_get(m->headers, "parent_id");
+		if (json_is_string(v))
+			json_object_set(meta, "parent_id", v);
+		v = json_object_get(m->headers, "group");
+		if (json_is_string(v))
+			json_object_set(meta, "group_id", v);
+	}
+	json_object_set_new(meta, "task_id", json_string(task_id));
+	char *text = json_dumps(meta, JSON_COMPACT);
+	json_decref(meta);
+	if (text == NULL)
+		return 0; /* cannot happen with jansson-built values; nothing to retry */
+	char *key = xasprintf(RESULT_KEY_PREFIX "%s", task_id);
+	char ttl[16];
+	snprintf(ttl, sizeof ttl, "%d", RESULT_EXPIRES);
+	const char *argv[] = {key, text, ttl};
+	redisReply *r = rconn_eval(rc, SCRIPT_STORE, 1, 2, argv, NULL);
+	free(key);
+	free(text);
+	if (r == NULL)
+		return -1;
+	freeReplyObject(r);
+	return 0;
+}
