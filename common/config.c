@@ -74,6 +74,7 @@ static const struct vdef vdefs[] = {
     {"SPARK_LOG_MAX_BYTES", NULL, "10MB", V_MEMORY, 0, 1e9, OFF(log_max_bytes)},
     {"SPARK_LOG_KEEP", NULL, "5", V_INT, 0, 100, OFF(log_keep)},
     {"SPARK_START_TIMEOUT", NULL, "30", V_DOUBLE, 1, 3600, OFF(start_timeout)},
+    {"SPARK_HEARTBEAT_INTERVAL", NULL, "5", V_DOUBLE, 0.1, 3600, OFF(heartbeat_interval)},
 };
 #define NVDEFS (sizeof vdefs / sizeof vdefs[0])
 
@@ -705,6 +706,7 @@ config_export(const struct spark_config *cfg)
 	setenv("SPARK_LOG_MAX_BYTES", lb, 1);
 	setenv_num("SPARK_LOG_KEEP", cfg->log_keep);
 	setenv_num("SPARK_START_TIMEOUT", cfg->start_timeout);
+	setenv_num("SPARK_HEARTBEAT_INTERVAL", cfg->heartbeat_interval);
 	/* children read exactly this environment, never an env file of their own */
 	setenv("SPARK_ENV_FILE", "", 1);
 }

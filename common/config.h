@@ -54,6 +54,7 @@ struct spark_config {
 	long log_max_bytes; /* rotate the log file at this size */
 	int log_keep;	    /* rotated files kept */
 	double start_timeout;
+	double heartbeat_interval; /* SPARK_HEARTBEAT_INTERVAL: workers table heartbeat, seconds */
 
 	char *env_file; /* the env file that was read, or NULL */
 	bool concurrency_forced;

@@ -152,28 +152,52 @@ redis_url_free(struct redis_url *u)
 	memset(u, 0, sizeof *u);
 }
 
+/* Mask a password=... query value in place. */
+static void
+redact_query(char *u)
+{
+	char *q = strchr(u, '?');
+	while (q != NULL) {
+		char *pw = strstr(q, "password=");
+		if (pw == NULL)
+			return;
+		char *v = pw + 9;
+		size_t n = strcspn(v, "&#");
+		if (n > 0) {
+			memmove(v + 3, v + n, strlen(v + n) + 1);
+			memcpy(v, "***", 3);
+		}
+		q = v;
+	}
+}
+
 char *
 url_redact(const char *s)
 {
 	if (s == NULL)
 		return xstrdup("");
+	char *out;
 	const char *scheme = strstr(s, "://");
-	if (scheme == NULL)
-		return xstrdup(s);
-	const char *auth = scheme + 3;
+	const char *auth = scheme ? scheme + 3 : s;
 	const char *end = auth + strcspn(auth, "/?#");
 	const char *at = NULL;
 	for (const char *p = auth; p < end; p++)
 		if (*p == '@')
 			at = p;
-	if (at == NULL)
-		return xstrdup(s);
-	const char *colon = memchr(auth, ':', (size_t)(at - auth));
-	if (colon == NULL) {
-		/* only a user name: nothing secret unless it is a bare password (redis://secret@host) */
-		return xasprintf("%.*s***%s", (int)(auth - s), s, at);
+	if (scheme == NULL) {
+		/* not a URL we understand (a typo such as redis:/:pw@host): hide everything before the last '@' */
+		const char *last = strrchr(s, '@');
+		out = last ? xasprintf("***%s", last) : xstrdup(s);
+	} else if (at == NULL) {
+		out = xstrdup(s);
+	} else {
+		const char *colon = memchr(auth, ':', (size_t)(at - auth));
+		/* user:pass@ keeps the user; a bare secret@ (redis://secret@host) is hidden whole */
+		const char *cut = colon ? colon + 1 : auth;
+		out = xasprintf("%.*s***%s", (int)(cut - s), s, at);
 	}
-	return xasprintf("%.*s***%s", (int)(colon + 1 - s), s, at);
+	redact_query(out);
+	return out;
 }
 
 char *

@@ -192,9 +192,11 @@ obj_str(const msgpack_object *o, char *buf, size_t len)
 		return -1;
 	size_t n = o->type == MSGPACK_OBJECT_STR ? o->via.str.size : o->via.bin.size;
 	const char *p = o->type == MSGPACK_OBJECT_STR ? o->via.str.ptr : o->via.bin.ptr;
-	if (n >= len || memchr(p, '\0', n) != NULL)
+	/* an empty string may come with a NULL pointer: never hand that to memchr/memcpy */
+	if (n >= len || (n > 0 && memchr(p, '\0', n) != NULL))
 		return -1;
-	memcpy(buf, p, n);
+	if (n > 0)
+		memcpy(buf, p, n);
 	buf[n] = '\0';
 	return 0;
 }

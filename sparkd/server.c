@@ -176,8 +176,7 @@ ctl_broadcast_log(struct sparkd *sd, const struct lc_line *l)
 	msgpack_sbuffer sb;
 	bool packed = false;
 	struct ctl_client *c;
-	TAILQ_FOREACH(c, &sd->clients, entry)
-	{
+	for (c = TAILQ_FIRST(&sd->clients); c != NULL; c = TAILQ_NEXT(c, entry)) {
 		if (!c->follow || (c->flags & (CLIENT_CLOSING | CLIENT_FREE)) || !follower_wants(c, l))
 			continue;
 		if (c->dropped > 0 || evbuffer_get_length(bufferevent_get_output(c->bev)) > CTL_FOLLOW_LIMIT) {
@@ -303,8 +302,7 @@ pack_worker(msgpack_packer *pk, struct sparkd *sd, struct sd_worker *w, bool wit
 		if (w->slots[k].current != NULL || sd->state != SD_STOPPING)
 			n++;
 	struct sd_proc *p;
-	TAILQ_FOREACH(p, &w->procs, entry)
-	{
+	for (p = TAILQ_FIRST(&w->procs); p != NULL; p = TAILQ_NEXT(p, entry)) {
 		if (p->retiring || w->slots[p->slot].current != p)
 			n++;
 	}
@@ -317,8 +315,7 @@ pack_worker(msgpack_packer *pk, struct sparkd *sd, struct sd_worker *w, bool wit
 		else if (sd->state != SD_STOPPING)
 			pack_proc(pk, s, NULL, s->backoff ? PS_BACKOFF : PS_STARTING);
 	}
-	TAILQ_FOREACH(p, &w->procs, entry)
-	{
+	for (p = TAILQ_FIRST(&w->procs); p != NULL; p = TAILQ_NEXT(p, entry)) {
 		if (p->retiring || w->slots[p->slot].current != p)
 			pack_proc(pk, &w->slots[p->slot], p, PS_DRAINING);
 	}
@@ -538,138 +535,6 @@ ctl_dispatch(struct ctl_client *c, const msgpack_object *o)
 	reply_error(c, req.msgid, PROTO_E_UNKNOWN_METHOD, msg);
 }
 
-/* ---- frame guard ---- */
-
-/* One element (scalar, string or whole container) is complete: close the containers it completes. */
-static void
-scan_element_done(struct ctl_scan *s)
-{
-	while (s->depth > 0) {
-		if (--s->remaining[s->depth - 1] > 0)
-			return;
-		s->depth--;
-	}
-	s->frame_bytes = 0; /* a whole top-level object: the next byte starts a new frame */
-}
-
-static int
-scan_check(const struct ctl_scan *s)
-{
-	uint64_t need = s->frame_bytes + s->skip;
-	for (int i = 0; i < s->depth; i++)
-		need += s->remaining[i];
-	return need > SPARK_FRAME_MAX ? PROTO_READ_TOO_LARGE : 0;
-}
-
-/* A header's length field is complete: what it announces. */
-static int
-scan_header_done(struct ctl_scan *s)
-{
-	uint64_t v = 0;
-	for (int i = 0; i < s->hdr_need; i++)
-		v = v << 8 | s->hdr[i];
-	uint8_t k = s->kind;
-	s->kind = 0;
-	s->hdr_have = s->hdr_need = 0;
-	if (k == 0xdc || k == 0xdd || k == 0xde || k == 0xdf) {
-		uint64_t count = (k == 0xde || k == 0xdf) ? v * 2 : v;
-		if (count == 0) {
-			scan_element_done(s);
-			return 0;
-		}
-		if (s->depth >= CTL_SCAN_DEPTH)
-			return PROTO_READ_BAD;
-		s->remaining[s->depth++] = count;
-		return scan_check(s);
-	}
-	if (k == 0xc7 || k == 0xc8 || k == 0xc9)
-		v += 1; /* the ext type byte */
-	s->skip = v;
-	if (s->skip == 0) {
-		scan_element_done(s);
-		return 0;
-	}
-	return scan_check(s);
-}
-
-/* Follow n more bytes. 0, or PROTO_READ_TOO_LARGE / PROTO_READ_BAD. */
-int
-ctl_scan_feed(struct ctl_scan *s, const uint8_t *p, size_t n)
-{
-	while (n > 0) {
-		if (s->skip > 0) {
-			size_t k = s->skip < n ? (size_t)s->skip : n;
-			s->skip -= k;
-			s->frame_bytes += k;
-			p += k;
-			n -= k;
-			if (s->skip == 0)
-				scan_element_done(s);
-			continue;
-		}
-		uint8_t b = *p++;
-		n--;
-		s->frame_bytes++;
-		if (s->kind != 0) {
-			s->hdr[s->hdr_have++] = b;
-			if (s->hdr_have == s->hdr_need) {
-				int rc = scan_header_done(s);
-				if (rc != 0)
-					return rc;
-			}
-			continue;
-		}
-		if (b <= 0x7f || b >= 0xe0 || b == 0xc0 || b == 0xc2 || b == 0xc3) {
-			scan_element_done(s);
-		} else if (b <= 0x8f || (b >= 0x90 && b <= 0x9f)) {
-			uint64_t count = b <= 0x8f ? (uint64_t)(b & 0x0f) * 2 : (uint64_t)(b & 0x0f);
-			if (count == 0) {
-				scan_element_done(s);
-			} else {
-				if (s->depth >= CTL_SCAN_DEPTH)
-					return PROTO_READ_BAD;
-				s->remaining[s->depth++] = count;
-			}
-		} else if (b >= 0xa0 && b <= 0xbf) {
-			s->skip = b & 0x1f;
-			if (s->skip == 0)
-				scan_element_done(s);
-		} else if (b == 0xc1) {
-			return PROTO_READ_BAD;
-		} else {
-			/* fixed-size scalars and fixext: just a payload to pass */
-			static const struct {
-				uint8_t b, skip;
-			} fixed[] = {{0xca, 4}, {0xcb, 8}, {0xcc, 1}, {0xcd, 2}, {0xce, 4},
-			             {0xcf, 8}, {0xd0, 1}, {0xd1, 2}, {0xd2, 4}, {0xd3, 8},
-			             {0xd4, 2}, {0xd5, 3}, {0xd6, 5}, {0xd7, 9}, {0xd8, 17}};
-			bool done = false;
-			for (size_t i = 0; i < sizeof fixed / sizeof fixed[0]; i++) {
-				if (fixed[i].b == b) {
-					s->skip = fixed[i].skip;
-					done = true;
-				}
-			}
-			if (done)
-				continue;
-			/* a length follows: bin8/16/32 c4-c6, ext8/16/32 c7-c9, str8/16/32 d9-db, array/map 16/32 dc-df
-			 */
-			static const uint8_t lens[] = {1, 2, 4, 1, 2, 4}; /* c4..c9 */
-			if (b >= 0xc4 && b <= 0xc9)
-				s->hdr_need = lens[b - 0xc4];
-			else if (b == 0xd9)
-				s->hdr_need = 1;
-			else if (b == 0xda || b == 0xdc || b == 0xde)
-				s->hdr_need = 2;
-			else
-				s->hdr_need = 4; /* db, dd, df */
-			s->kind = b;
-			s->hdr_have = 0;
-		}
-	}
-	return 0;
-}
-
 /* ---- clients ---- */
 
 static void
@@ -724,19 +589,14 @@ client_read_cb(struct bufferevent *bev, void *arg)
 			            "expected a msgpack-RPC request [0, msgid, method, [params]]");
 			break;
 		}
-		int rc = ctl_scan_feed(&c->scan, (const uint8_t *)buf, (size_t)n);
-		if (rc == PROTO_READ_BAD) {
-			client_fail(c, 0, PROTO_E_BAD_REQUEST, "not valid msgpack");
-			break;
-		}
-		if (rc == 0)
-			rc = proto_reader_feed(&c->rd, buf, (size_t)n);
+		/* proto's reader scans the structure first: an oversized announcement is refused before buffering */
+		int rc = proto_reader_feed(&c->rd, buf, (size_t)n);
 		if (rc == PROTO_READ_TOO_LARGE) {
 			client_fail(c, 0, PROTO_E_FRAME_TOO_LARGE, "a frame is at most 1 MiB");
 			break;
 		}
 		if (rc != PROTO_READ_NEED_MORE) {
-			client_fail(c, 0, PROTO_E_BAD_REQUEST, "cannot buffer the frame");
+			client_fail(c, 0, PROTO_E_BAD_REQUEST, "not valid msgpack");
 			break;
 		}
 		while (!(c->flags & (CLIENT_CLOSING | CLIENT_FREE))) {
@@ -814,8 +674,7 @@ clients_of(struct sparkd *sd, uid_t uid)
 {
 	int n = 0;
 	struct ctl_client *c;
-	TAILQ_FOREACH(c, &sd->clients, entry)
-	{
+	for (c = TAILQ_FIRST(&sd->clients); c != NULL; c = TAILQ_NEXT(c, entry)) {
 		n += c->uid == uid;
 	}
 	return n;

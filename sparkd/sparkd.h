@@ -113,6 +113,7 @@ struct sd_slot {
 	int index;
 	struct sd_proc *current; /* NULL while in backoff or stopped */
 	bool backoff;
+	bool failing;         /* crashed and not ready since */
 	double backoff_delay; /* the next delay */
 	double backoff_until; /* wall clock of the next attempt */
 	struct event *restart_ev;
@@ -173,22 +174,6 @@ struct logcap {
 	struct lc_reader_list readers;
 };
 
-/*
- * A guard in front of msgpack-c's unpacker: follows msgpack headers as bytes arrive and refuses a frame whose
- * announced size (str/bin/ext lengths, array/map counts at one byte per element at least) passes the 1 MiB cap
- * before any of it is buffered or allocated.
- */
-#define CTL_SCAN_DEPTH 32
-struct ctl_scan {
-	uint8_t kind;   /* the header byte being completed, 0 when none */
-	uint8_t hdr[8]; /* its length bytes */
-	int hdr_have, hdr_need;
-	uint64_t skip; /* payload bytes still to pass */
-	int depth;
-	uint64_t remaining[CTL_SCAN_DEPTH]; /* elements left in each open container */
-	uint64_t frame_bytes;               /* bytes of the current frame so far */
-};
-
 /* Control clients. Freed only outside their own callbacks (hiredis style). */
 #define CLIENT_IN_CALLBACK 0x1
 #define CLIENT_CLOSING     0x2 /* close once the output is flushed */
@@ -210,8 +195,7 @@ struct ctl_client {
 	long dropped;
 	bool partial;     /* read timeout armed */
 	size_t discarded; /* input thrown away while closing */
-	struct ctl_scan scan;
-	bool refused; /* not allowed on this socket: every request gets permission_denied, then close */
+	bool refused;     /* not allowed on this socket: every request gets permission_denied, then close */
 };
 TAILQ_HEAD(ctl_client_list, ctl_client);
 
@@ -282,7 +266,6 @@ void ctl_broadcast_log(struct sparkd *sd, const struct lc_line *l);
 bool ctl_peer_allowed(uid_t peer_uid, gid_t peer_gid, pid_t peer_pid, uid_t self_uid, gid_t sock_gid);
 bool ctl_may_stop(uid_t peer_uid, uid_t self_uid);
 void ctl_pack_status(struct sparkd *sd, msgpack_packer *pk, bool verbose, bool with_procs);
-int ctl_scan_feed(struct ctl_scan *s, const uint8_t *p, size_t n);
 
 /* spawn.c */
 char *spawn_find_worker(const char *self_exe);

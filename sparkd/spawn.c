@@ -108,7 +108,8 @@ spawn_child(const char *path, char *const argv[], int *out_fd, int *err_fd, int 
 		(void)prctl(PR_SET_PDEATHSIG, SIGTERM);
 		if (getppid() != parent)
 			_exit(1);
-		/* a session of its own: a terminal's ^C or hangup reaches sparkd only, which decides what workers get */
+		/* a session of its own: a terminal's ^C or hangup reaches sparkd only, which decides what workers get
+		 */
 		(void)setsid();
 
 		/* move the ends out of the way first, in case one of them already sits on 0..3 */

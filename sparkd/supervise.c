@@ -161,8 +161,7 @@ sup_live_procs(struct sparkd *sd)
 	int n = 0;
 	for (int i = 0; i < sd->nworkers; i++) {
 		struct sd_proc *p;
-		TAILQ_FOREACH(p, &sd->workers[i].procs, entry)
-		{
+		for (p = TAILQ_FIRST(&sd->workers[i].procs); p != NULL; p = TAILQ_NEXT(p, entry)) {
 			n++;
 		}
 	}
@@ -189,7 +188,8 @@ sup_worker_state(struct sd_worker *w)
 	bool active = false, draining = false;
 	for (int k = 0; k < w->nslots; k++) {
 		struct sd_slot *s = &w->slots[k];
-		if (s->backoff)
+		/* restarted after a crash and not ready yet: still the backoff cycle */
+		if (s->backoff || s->failing)
 			return PS_BACKOFF;
 		if (s->current != NULL && s->current->state == PS_ACTIVE)
 			active = true;
@@ -206,8 +206,7 @@ sup_worker_processed(struct sd_worker *w)
 {
 	long n = w->processed_done;
 	struct sd_proc *p;
-	TAILQ_FOREACH(p, &w->procs, entry)
-	{
+	for (p = TAILQ_FIRST(&w->procs); p != NULL; p = TAILQ_NEXT(p, entry)) {
 		n += p->processed;
 	}
 	return n;
@@ -218,8 +217,7 @@ sup_worker_active(struct sd_worker *w)
 {
 	int n = 0;
 	struct sd_proc *p;
-	TAILQ_FOREACH(p, &w->procs, entry)
-	{
+	for (p = TAILQ_FIRST(&w->procs); p != NULL; p = TAILQ_NEXT(p, entry)) {
 		for (int i = 0; i < p->nslots; i++)
 			n += p->tasks[i].used;
 	}
@@ -295,8 +293,7 @@ proc_find(struct sparkd *sd, pid_t pid)
 {
 	for (int i = 0; i < sd->nworkers; i++) {
 		struct sd_proc *p;
-		TAILQ_FOREACH(p, &sd->workers[i].procs, entry)
-		{
+		for (p = TAILQ_FIRST(&sd->workers[i].procs); p != NULL; p = TAILQ_NEXT(p, entry)) {
 			if (p->pid == pid)
 				return p;
 		}
@@ -309,6 +306,7 @@ slot_backoff(struct sd_slot *s, double ran_s)
 {
 	double delay = sup_backoff_next(&s->backoff_delay, ran_s);
 	s->backoff = true;
+	s->failing = true;
 	s->backoff_until = now_wall() + delay;
 	struct timeval tv = {(time_t)delay, (suseconds_t)((delay - (double)(time_t)delay) * 1e6)};
 	evtimer_add(s->restart_ev, &tv);
@@ -335,6 +333,11 @@ proc_report(struct sd_proc *p, const struct report *r)
 		if (p->state == PS_STARTING) {
 			p->state = PS_ACTIVE;
 			p->ready_mono = now_mono();
+			long rss = proc_rss_kib(p->pid);
+			if (rss >= 0)
+				p->rss_kib = rss;
+			if (p->w->slots[p->slot].current == p)
+				p->w->slots[p->slot].failing = false;
 			log_info("%s: process %d ready (%d slot%s)", p->w->name, (int)p->pid, r->slots,
 			         r->slots == 1 ? "" : "s");
 		}
@@ -435,7 +438,10 @@ proc_spawn(struct sd_slot *s)
 	char slots[16], index[16];
 	snprintf(slots, sizeof slots, "%d", w->proc_slots);
 	snprintf(index, sizeof index, "%d", s->index + 1);
+	/* --index names a prefork pool child (ForkPoolWorker-N); threads and solo run one process per worker */
 	char *argv[] = {sd->worker_path, "--name", w->name, "--slots", slots, "--index", index, NULL};
+	if (sd->cfg.pool != SPARK_POOL_PREFORK)
+		argv[5] = NULL;
 	int out, err, rep;
 	pid_t pid = spawn_child(sd->worker_path, argv, &out, &err, &rep);
 	if (pid < 0) {
@@ -576,6 +582,8 @@ sup_tick(struct sparkd *sd)
 			long rss = proc_rss_kib(p->pid);
 			if (rss >= 0)
 				p->rss_kib = rss;
+			if (p->w->slots[p->slot].current == p)
+				p->w->slots[p->slot].failing = false;
 			for (int k = 0; k < p->nslots; k++) {
 				struct sd_task *t = &p->tasks[k];
 				if (!t->used || t->hard_limit <= 0 || strcmp(p->reason, "time-limit") == 0)
@@ -614,8 +622,7 @@ signal_all(struct sparkd *sd, int sig)
 {
 	for (int i = 0; i < sd->nworkers; i++) {
 		struct sd_proc *p;
-		TAILQ_FOREACH(p, &sd->workers[i].procs, entry)
-		{
+		for (p = TAILQ_FIRST(&sd->workers[i].procs); p != NULL; p = TAILQ_NEXT(p, entry)) {
 			/* each worker pid, never the process group */
 			if (kill(p->pid, sig) < 0 && errno != ESRCH)
 				log_warn("%s: kill %d", p->w->name, (int)p->pid);
@@ -675,8 +682,7 @@ sup_stop(struct sparkd *sd, bool cold, double timeout_s)
 			w->slots[k].backoff = false;
 		}
 		struct sd_proc *p;
-		TAILQ_FOREACH(p, &w->procs, entry)
-		{
+		for (p = TAILQ_FIRST(&w->procs); p != NULL; p = TAILQ_NEXT(p, entry)) {
 			p->state = PS_STOPPING;
 		}
 	}

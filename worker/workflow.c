@@ -391,12 +391,7 @@ workflow_init(const struct spark_config *cfg, const char *node, int slots)
 	wf.started = now_wall();
 	source_global_init();
 
-	/* undocumented knob for tests and drills: the heartbeat period in seconds */
-	wf.hb_interval = WF_HEARTBEAT_DEFAULT;
-	const char *hbv = getenv("SPARK_HEARTBEAT_INTERVAL");
-	double d;
-	if (hbv && parse_double(hbv, &d) == 0 && d >= 0.1 && d <= 3600)
-		wf.hb_interval = d;
+	wf.hb_interval = cfg->heartbeat_interval > 0 ? cfg->heartbeat_interval : WF_HEARTBEAT_DEFAULT;
 
 	if (cfg->encryption_key && *cfg->encryption_key) {
 		wf.key_ok = fernet_key_parse(cfg->encryption_key, wf.key, wf.key_err, sizeof(wf.key_err)) == 0;

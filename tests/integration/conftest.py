@@ -26,6 +26,11 @@ from harness import RedisServer, Sparkd, celery_app, t  # noqa: E402
 TEST_TIMEOUT = int(os.environ.get("SPARK_TEST_TIMEOUT", "0")) or int(t(120))
 
 
+def pytest_configure(config):
+    # Debian's kombu/celery use deprecated importlib APIs: not ours to fix
+    config.addinivalue_line("filterwarnings", "ignore::DeprecationWarning")
+
+
 class TestTimeout(Exception):
     pass
 
@@ -112,6 +117,14 @@ def celery(request):
         return app
     yield make
     for app in apps:
+        # drop the result subscription while Redis is still up: AsyncResult.__del__ would reconnect later
+        try:
+            rc = app.backend.result_consumer
+            if getattr(rc, "_pubsub", None) is not None:
+                rc._pubsub.close()
+                rc._pubsub = None
+        except Exception:
+            pass
         try:
             app.close()
         except Exception:

@@ -15,9 +15,7 @@ import json
 import os
 import signal
 import socket
-import struct
 import subprocess
-import sys
 import tempfile
 import time
 import uuid

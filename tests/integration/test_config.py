@@ -2,11 +2,10 @@
 accepted (issue 2)."""
 
 import re
-import subprocess
 
 import pytest
 
-from harness import t, wait_for
+from harness import t
 
 ACCEPTED = re.compile(r"(?i)(expected|accepted|must|one of|allowed|use )")
 

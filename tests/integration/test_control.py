@@ -10,8 +10,7 @@ import subprocess
 import msgpack
 import pytest
 
-from harness import (PYTHON, RpcClient, Sparkd, base_env, inline_nobody_client, make_public_tmpdir, pid_alive, t,
-                     wait_for, wait_pid_gone)
+from harness import PYTHON, RpcClient, Sparkd, inline_nobody_client, make_public_tmpdir, t, wait_for, wait_pid_gone
 
 
 def test_methods_ping_status_logs_stop(spark, celery):
@@ -101,6 +100,7 @@ def hostile_inputs():
         "params-not-map": [msgpack.packb([0, 1, "status", ["verbose"]])],
         "params-scalar": [msgpack.packb([0, 1, "status", "x"])],
         "unknown-method": [msgpack.packb([0, 1, "shutdown_now", [{}]])],
+        "method-empty": [msgpack.packb([0, 1, "", [{}]])],
         "status-verbose-str": [msgpack.packb([0, 1, "status", [{"verbose": "yes"}]])],
         "logs-lines-str": [msgpack.packb([0, 1, "logs", [{"lines": "ten"}]])],
         "logs-lines-negative": [msgpack.packb([0, 1, "logs", [{"lines": -5}]])],
@@ -141,7 +141,7 @@ def test_hostile_input_gets_error_or_close_and_others_are_served(control_daemon,
         except (BrokenPipeError, ConnectionResetError):
             pass  # closed on us mid-send: allowed
         outcome = reply_is_error_or_close(c, t(5))
-        if case == "unknown-method":
+        if case in ("unknown-method", "method-empty"):
             assert outcome == "unknown_method"
         elif case.startswith(("status-", "logs-", "stop-", "params-")):
             assert outcome in ("bad_params", "bad_request", "closed"), outcome

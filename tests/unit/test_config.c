@@ -13,15 +13,41 @@
 
 #include "config.h"
 
-static const char *vars[] = {"SPARK_WORKERS", "CELERY_WORKER_CONCURRENCY", "CELERY_WORKER_POOL", "SPARK_LOGLEVEL",
-    "CELERY_WORKER_LOGLEVEL", "CELERY_BROKER_URL", "AUTOMAGIK_SPARK_CELERY_BROKER_URL", "CELERY_RESULT_BACKEND",
-    "AUTOMAGIK_SPARK_CELERY_RESULT_BACKEND", "DATABASE_URL", "AUTOMAGIK_SPARK_DATABASE_URL",
-    "CELERY_WORKER_MAX_TASKS_PER_CHILD", "CELERY_WORKER_MAX_MEMORY_PER_CHILD", "CELERY_TASK_TIME_LIMIT",
-    "CELERY_TASK_SOFT_TIME_LIMIT", "CELERY_TASK_SERIALIZER", "CELERY_RESULT_SERIALIZER", "CELERY_TASK_MAX_RETRIES",
-    "CELERY_TASK_RETRY_BACKOFF", "CELERY_TASK_RETRY_BACKOFF_MAX", "CELERY_TASK_DEFAULT_RETRY_DELAY", "SPARK_QUEUES",
-    "SPARK_SOCKET", "SPARK_LOG_DIR", "SPARK_PID_FILE", "AUTOMAGIK_SPARK_ENCRYPTION_KEY",
-    "AUTOMAGIK_SPARK_HTTP_TIMEOUT", "SPARK_VISIBILITY_TIMEOUT", "SPARK_LOG_LINES", "SPARK_LOG_MAX_BYTES",
-    "SPARK_LOG_KEEP", "SPARK_START_TIMEOUT", "SPARK_ENV_FILE", "RUNTIME_DIRECTORY", "LOGS_DIRECTORY"};
+static const char *vars[] = {"SPARK_WORKERS",
+                             "CELERY_WORKER_CONCURRENCY",
+                             "CELERY_WORKER_POOL",
+                             "SPARK_LOGLEVEL",
+                             "CELERY_WORKER_LOGLEVEL",
+                             "CELERY_BROKER_URL",
+                             "AUTOMAGIK_SPARK_CELERY_BROKER_URL",
+                             "CELERY_RESULT_BACKEND",
+                             "AUTOMAGIK_SPARK_CELERY_RESULT_BACKEND",
+                             "DATABASE_URL",
+                             "AUTOMAGIK_SPARK_DATABASE_URL",
+                             "CELERY_WORKER_MAX_TASKS_PER_CHILD",
+                             "CELERY_WORKER_MAX_MEMORY_PER_CHILD",
+                             "CELERY_TASK_TIME_LIMIT",
+                             "CELERY_TASK_SOFT_TIME_LIMIT",
+                             "CELERY_TASK_SERIALIZER",
+                             "CELERY_RESULT_SERIALIZER",
+                             "CELERY_TASK_MAX_RETRIES",
+                             "CELERY_TASK_RETRY_BACKOFF",
+                             "CELERY_TASK_RETRY_BACKOFF_MAX",
+                             "CELERY_TASK_DEFAULT_RETRY_DELAY",
+                             "SPARK_QUEUES",
+                             "SPARK_SOCKET",
+                             "SPARK_LOG_DIR",
+                             "SPARK_PID_FILE",
+                             "AUTOMAGIK_SPARK_ENCRYPTION_KEY",
+                             "AUTOMAGIK_SPARK_HTTP_TIMEOUT",
+                             "SPARK_VISIBILITY_TIMEOUT",
+                             "SPARK_LOG_LINES",
+                             "SPARK_LOG_MAX_BYTES",
+                             "SPARK_LOG_KEEP",
+                             "SPARK_START_TIMEOUT",
+                             "SPARK_ENV_FILE",
+                             "RUNTIME_DIRECTORY",
+                             "LOGS_DIRECTORY"};
 
 static char tmpdir[] = "/tmp/spark-test-config-XXXXXX";
 static char envpath[512];
@@ -132,7 +158,7 @@ test_precedence(void **state)
 	setenv("CELERY_WORKER_CONCURRENCY", "4", 1);
 	assert_int_equal(load(&c, ov, 1, envpath, err), 0);
 	assert_int_equal(c.concurrency, 5); /* flag > env */
-	assert_int_equal(c.workers, 2);	    /* env file > default */
+	assert_int_equal(c.workers, 2);     /* env file > default */
 	assert_int_equal(c.pool, SPARK_POOL_THREADS);
 	assert_string_equal(c.env_file, envpath);
 	config_free(&c);
@@ -204,7 +230,8 @@ test_aliases(void **state)
 	unsetenv("AUTOMAGIK_SPARK_CELERY_BROKER_URL");
 
 	/* in a file too, whatever the order */
-	write_file(envpath, "CELERY_BROKER_URL=redis://plain:1/0\nAUTOMAGIK_SPARK_CELERY_BROKER_URL=redis://alias:2/0\n");
+	write_file(envpath,
+	           "CELERY_BROKER_URL=redis://plain:1/0\nAUTOMAGIK_SPARK_CELERY_BROKER_URL=redis://alias:2/0\n");
 	assert_int_equal(load(&c, NULL, 0, envpath, err), 0);
 	assert_string_equal(c.broker.host, "plain");
 	config_free(&c);
@@ -419,8 +446,8 @@ test_export_round_trip(void **state)
 	struct spark_config a, b;
 	char err[512];
 	write_file(envpath, "SPARK_WORKERS = 3\nCELERY_WORKER_MAX_MEMORY_PER_CHILD = 150MB\nSPARK_QUEUES = a, b,c\n"
-			    "CELERY_RESULT_BACKEND = redis://:pw@h:1/2\nCELERY_TASK_TIME_LIMIT = 60\n"
-			    "SPARK_LOG_MAX_BYTES = 1MB\n");
+	                    "CELERY_RESULT_BACKEND = redis://:pw@h:1/2\nCELERY_TASK_TIME_LIMIT = 60\n"
+	                    "SPARK_LOG_MAX_BYTES = 1MB\n");
 	struct config_override ov[] = {{"CELERY_WORKER_CONCURRENCY", "--concurrency", "2"}};
 	assert_int_equal(load(&a, ov, 1, envpath, err), 0);
 	config_export(&a);

@@ -64,23 +64,23 @@ test_forms(void **state)
 	struct kv kv;
 	char err[256];
 	const char *text = "# Spark workers\n"
-			   "\n"
-			   "PLAIN=value\n"
-			   "CELERY_WORKER_CONCURRENCY = 1\n"
-			   "   INDENTED   =   spaced out   \n"
-			   "export EXPORTED=yes\n"
-			   "export\tTABBED=1\n"
-			   "SINGLE='it is # not a comment'\n"
-			   "DOUBLE=\"a \\\"quoted\\\" word\\nnext\"\n"
-			   "INLINE=value # a comment\n"
-			   "HASH=a#b\n"
-			   "EMPTY=\n"
-			   "EMPTYQ=\"\"\n"
-			   "URL=redis://:p@ss@host:6379/0?db=1\n"
-			   "EQ=a=b=c\n"
-			   "exported_name=lower\n"
-			   "  # indented comment\n"
-			   "LAST=no newline";
+	                   "\n"
+	                   "PLAIN=value\n"
+	                   "CELERY_WORKER_CONCURRENCY = 1\n"
+	                   "   INDENTED   =   spaced out   \n"
+	                   "export EXPORTED=yes\n"
+	                   "export\tTABBED=1\n"
+	                   "SINGLE='it is # not a comment'\n"
+	                   "DOUBLE=\"a \\\"quoted\\\" word\\nnext\"\n"
+	                   "INLINE=value # a comment\n"
+	                   "HASH=a#b\n"
+	                   "EMPTY=\n"
+	                   "EMPTYQ=\"\"\n"
+	                   "URL=redis://:p@ss@host:6379/0?db=1\n"
+	                   "EQ=a=b=c\n"
+	                   "exported_name=lower\n"
+	                   "  # indented comment\n"
+	                   "LAST=no newline";
 	if (parse(text, &kv, err) != 0)
 		fail_msg("refused: %s", err);
 	assert_string_equal(get(&kv, "PLAIN"), "value");
@@ -213,11 +213,8 @@ int
 main(void)
 {
 	const struct CMUnitTest tests[] = {
-	    cmocka_unit_test(test_forms),
-	    cmocka_unit_test(test_quotes),
-	    cmocka_unit_test(test_later_wins_and_crlf),
-	    cmocka_unit_test(test_bad_lines),
-	    cmocka_unit_test(test_files),
+	    cmocka_unit_test(test_forms),     cmocka_unit_test(test_quotes), cmocka_unit_test(test_later_wins_and_crlf),
+	    cmocka_unit_test(test_bad_lines), cmocka_unit_test(test_files),
 	};
 	return cmocka_run_group_tests_name("envfile", tests, NULL, NULL);
 }

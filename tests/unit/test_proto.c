@@ -321,18 +321,113 @@ bad_request(const char *desc, void (*pack)(msgpack_packer *))
 	frame_free(&f);
 }
 
-static void p_not_array(msgpack_packer *pk) { msgpack_pack_map(pk, 0); }
-static void p_short(msgpack_packer *pk) { msgpack_pack_array(pk, 3); msgpack_pack_uint8(pk, 0); msgpack_pack_uint8(pk, 1); proto_pack_str(pk, "ping"); }
-static void p_type1(msgpack_packer *pk) { msgpack_pack_array(pk, 4); msgpack_pack_uint8(pk, 1); msgpack_pack_uint8(pk, 1); proto_pack_str(pk, "ping"); msgpack_pack_array(pk, 0); }
-static void p_msgid_neg(msgpack_packer *pk) { msgpack_pack_array(pk, 4); msgpack_pack_uint8(pk, 0); msgpack_pack_int8(pk, -1); proto_pack_str(pk, "ping"); msgpack_pack_array(pk, 0); }
-static void p_msgid_big(msgpack_packer *pk) { msgpack_pack_array(pk, 4); msgpack_pack_uint8(pk, 0); msgpack_pack_uint64(pk, 1ull << 40); proto_pack_str(pk, "ping"); msgpack_pack_array(pk, 0); }
-static void p_msgid_str(msgpack_packer *pk) { msgpack_pack_array(pk, 4); msgpack_pack_uint8(pk, 0); proto_pack_str(pk, "1"); proto_pack_str(pk, "ping"); msgpack_pack_array(pk, 0); }
-static void p_method_int(msgpack_packer *pk) { msgpack_pack_array(pk, 4); msgpack_pack_uint8(pk, 0); msgpack_pack_uint8(pk, 1); msgpack_pack_uint8(pk, 7); msgpack_pack_array(pk, 0); }
-static void p_method_long(msgpack_packer *pk) { msgpack_pack_array(pk, 4); msgpack_pack_uint8(pk, 0); msgpack_pack_uint8(pk, 1); proto_pack_str(pk, "a_method_name_that_is_far_too_long_to_be_real"); msgpack_pack_array(pk, 0); }
-static void p_method_nul(msgpack_packer *pk) { msgpack_pack_array(pk, 4); msgpack_pack_uint8(pk, 0); msgpack_pack_uint8(pk, 1); msgpack_pack_str(pk, 6); msgpack_pack_str_body(pk, "ping\0x", 6); msgpack_pack_array(pk, 0); }
-static void p_params_scalar(msgpack_packer *pk) { msgpack_pack_array(pk, 4); msgpack_pack_uint8(pk, 0); msgpack_pack_uint8(pk, 1); proto_pack_str(pk, "ping"); msgpack_pack_uint8(pk, 3); }
-static void p_params_two(msgpack_packer *pk) { msgpack_pack_array(pk, 4); msgpack_pack_uint8(pk, 0); msgpack_pack_uint8(pk, 1); proto_pack_str(pk, "ping"); msgpack_pack_array(pk, 2); msgpack_pack_map(pk, 0); msgpack_pack_map(pk, 0); }
-static void p_params_str(msgpack_packer *pk) { msgpack_pack_array(pk, 4); msgpack_pack_uint8(pk, 0); msgpack_pack_uint8(pk, 1); proto_pack_str(pk, "ping"); msgpack_pack_array(pk, 1); proto_pack_str(pk, "verbose"); }
+static void
+p_not_array(msgpack_packer *pk)
+{
+	msgpack_pack_map(pk, 0);
+}
+static void
+p_short(msgpack_packer *pk)
+{
+	msgpack_pack_array(pk, 3);
+	msgpack_pack_uint8(pk, 0);
+	msgpack_pack_uint8(pk, 1);
+	proto_pack_str(pk, "ping");
+}
+static void
+p_type1(msgpack_packer *pk)
+{
+	msgpack_pack_array(pk, 4);
+	msgpack_pack_uint8(pk, 1);
+	msgpack_pack_uint8(pk, 1);
+	proto_pack_str(pk, "ping");
+	msgpack_pack_array(pk, 0);
+}
+static void
+p_msgid_neg(msgpack_packer *pk)
+{
+	msgpack_pack_array(pk, 4);
+	msgpack_pack_uint8(pk, 0);
+	msgpack_pack_int8(pk, -1);
+	proto_pack_str(pk, "ping");
+	msgpack_pack_array(pk, 0);
+}
+static void
+p_msgid_big(msgpack_packer *pk)
+{
+	msgpack_pack_array(pk, 4);
+	msgpack_pack_uint8(pk, 0);
+	msgpack_pack_uint64(pk, 1ull << 40);
+	proto_pack_str(pk, "ping");
+	msgpack_pack_array(pk, 0);
+}
+static void
+p_msgid_str(msgpack_packer *pk)
+{
+	msgpack_pack_array(pk, 4);
+	msgpack_pack_uint8(pk, 0);
+	proto_pack_str(pk, "1");
+	proto_pack_str(pk, "ping");
+	msgpack_pack_array(pk, 0);
+}
+static void
+p_method_int(msgpack_packer *pk)
+{
+	msgpack_pack_array(pk, 4);
+	msgpack_pack_uint8(pk, 0);
+	msgpack_pack_uint8(pk, 1);
+	msgpack_pack_uint8(pk, 7);
+	msgpack_pack_array(pk, 0);
+}
+static void
+p_method_long(msgpack_packer *pk)
+{
+	msgpack_pack_array(pk, 4);
+	msgpack_pack_uint8(pk, 0);
+	msgpack_pack_uint8(pk, 1);
+	proto_pack_str(pk, "a_method_name_that_is_far_too_long_to_be_real");
+	msgpack_pack_array(pk, 0);
+}
+static void
+p_method_nul(msgpack_packer *pk)
+{
+	msgpack_pack_array(pk, 4);
+	msgpack_pack_uint8(pk, 0);
+	msgpack_pack_uint8(pk, 1);
+	msgpack_pack_str(pk, 6);
+	msgpack_pack_str_body(pk, "ping\0x", 6);
+	msgpack_pack_array(pk, 0);
+}
+static void
+p_params_scalar(msgpack_packer *pk)
+{
+	msgpack_pack_array(pk, 4);
+	msgpack_pack_uint8(pk, 0);
+	msgpack_pack_uint8(pk, 1);
+	proto_pack_str(pk, "ping");
+	msgpack_pack_uint8(pk, 3);
+}
+static void
+p_params_two(msgpack_packer *pk)
+{
+	msgpack_pack_array(pk, 4);
+	msgpack_pack_uint8(pk, 0);
+	msgpack_pack_uint8(pk, 1);
+	proto_pack_str(pk, "ping");
+	msgpack_pack_array(pk, 2);
+	msgpack_pack_map(pk, 0);
+	msgpack_pack_map(pk, 0);
+}
+static void
+p_params_str(msgpack_packer *pk)
+{
+	msgpack_pack_array(pk, 4);
+	msgpack_pack_uint8(pk, 0);
+	msgpack_pack_uint8(pk, 1);
+	proto_pack_str(pk, "ping");
+	msgpack_pack_array(pk, 1);
+	proto_pack_str(pk, "verbose");
+}
 
 static void
 test_bad_requests(void **state)

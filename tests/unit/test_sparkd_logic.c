@@ -199,66 +199,6 @@ test_notify_addr(void **state)
 	assert_int_equal(sys_notify_addr(longp, &sun, sizeof sun, &len), -1);
 }
 
-static int
-scan_bytes(const void *p, size_t n, size_t step)
-{
-	struct ctl_scan s;
-	memset(&s, 0, sizeof s);
-	const uint8_t *b = p;
-	for (size_t off = 0; off < n; off += step) {
-		int rc = ctl_scan_feed(&s, b + off, n - off < step ? n - off : step);
-		if (rc != 0)
-			return rc;
-	}
-	return s.depth == 0 && s.skip == 0 && s.kind == 0 ? 0 : 1; /* 1: frame incomplete */
-}
-
-static void
-test_frame_guard(void **state)
-{
-	(void)state;
-	/* well-formed frames pass, whole or a byte at a time */
-	msgpack_sbuffer sb;
-	msgpack_sbuffer_init(&sb);
-	msgpack_packer pk;
-	msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
-	proto_pack_request_head(&pk, 7, "logs");
-	msgpack_pack_array(&pk, 1);
-	msgpack_pack_map(&pk, 5);
-	proto_pack_kv_int(&pk, "lines", 100000);
-	proto_pack_kv_double(&pk, "f", 1.5);
-	proto_pack_kv_bool(&pk, "follow", true);
-	proto_pack_kv_str(&pk, "level", NULL);
-	proto_pack_key(&pk, "bin");
-	msgpack_pack_bin(&pk, 300);
-	char body[300] = {0};
-	msgpack_pack_bin_body(&pk, body, sizeof body);
-	msgpack_pack_array(&pk, 0); /* a second frame */
-	assert_int_equal(scan_bytes(sb.data, sb.size, sb.size), 0);
-	assert_int_equal(scan_bytes(sb.data, sb.size, 1), 0);
-	assert_int_equal(scan_bytes(sb.data, sb.size - 2, 1), 1);
-	msgpack_sbuffer_destroy(&sb);
-
-	/* announced sizes over 1 MiB are refused from the header alone */
-	static const uint8_t str1g[] = {0x94, 0x00, 0x01, 0xa4, 'p',  'i',  'n',  'g', 0x91,
-	                                0x81, 0xa1, 'x',  0xdb, 0x40, 0x00, 0x00, 0x00};
-	assert_int_equal(scan_bytes(str1g, sizeof str1g, 1), PROTO_READ_TOO_LARGE);
-	static const uint8_t arr[] = {0xdd, 0x7f, 0xff, 0xff, 0xff};
-	assert_int_equal(scan_bytes(arr, sizeof arr, 5), PROTO_READ_TOO_LARGE);
-	static const uint8_t map[] = {0x94, 0xdf, 0x00, 0x08, 0x00, 0x00};
-	assert_int_equal(scan_bytes(map, sizeof map, 2), PROTO_READ_TOO_LARGE);
-	static const uint8_t ext[] = {0xc9, 0x00, 0x20, 0x00, 0x00, 0x01};
-	assert_int_equal(scan_bytes(ext, sizeof ext, 3), PROTO_READ_TOO_LARGE);
-	static const uint8_t ok[] = {0xdb, 0x00, 0x00, 0x10, 0x00};
-	assert_int_equal(scan_bytes(ok, sizeof ok, 5), 1); /* 4 KiB string: fine, just incomplete */
-	/* the never-used byte, and nesting deeper than the unpacker takes */
-	static const uint8_t c1[] = {0x91, 0xc1};
-	assert_int_equal(scan_bytes(c1, sizeof c1, 2), PROTO_READ_BAD);
-	uint8_t deep[40];
-	memset(deep, 0x91, sizeof deep);
-	assert_int_equal(scan_bytes(deep, sizeof deep, 7), PROTO_READ_BAD);
-}
-
 int
 main(void)
 {
@@ -267,7 +207,7 @@ main(void)
 	    cmocka_unit_test(test_worker_names),  cmocka_unit_test(test_ring),
 	    cmocka_unit_test(test_ring_byte_cap), cmocka_unit_test(test_parse_level),
 	    cmocka_unit_test(test_worker_match),  cmocka_unit_test(test_peer_rules),
-	    cmocka_unit_test(test_notify_addr),   cmocka_unit_test(test_frame_guard),
+	    cmocka_unit_test(test_notify_addr),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -198,12 +198,8 @@ int
 main(void)
 {
 	const struct CMUnitTest tests[] = {
-	    cmocka_unit_test(test_redis_urls),
-	    cmocka_unit_test(test_passwords),
-	    cmocka_unit_test(test_unix_urls),
-	    cmocka_unit_test(test_refused),
-	    cmocka_unit_test(test_redaction),
-	    cmocka_unit_test(test_pg_normalize),
+	    cmocka_unit_test(test_redis_urls), cmocka_unit_test(test_passwords), cmocka_unit_test(test_unix_urls),
+	    cmocka_unit_test(test_refused),    cmocka_unit_test(test_redaction), cmocka_unit_test(test_pg_normalize),
 	};
 	return cmocka_run_group_tests_name("url", tests, NULL, NULL);
 }
