@@ -48,7 +48,7 @@ obj = $(patsubst %.c,$(BUILD)/obj/%.o,$(1))
 
 BINS = $(BUILD)/bin/sparkd $(BUILD)/bin/spark-worker $(BUILD)/bin/sparkctl
 
-.PHONY: all test test-unit test-integration run deps install uninstall clean format lint bench check-format
+.PHONY: fuzz all test test-unit test-integration run deps install uninstall clean format lint bench check-format
 
 all: $(BINS)
 
@@ -145,3 +145,11 @@ check-format:
 lint:
 	cppcheck --quiet --error-exitcode=1 --enable=warning,portability --inline-suppr \
 	    --suppress=missingIncludeSystem -D__GNUC__ -Icommon -Iproto $(FORMAT_SRC)
+
+# libFuzzer run of the control-protocol reader (needs clang and libclang-rt-14-dev): make fuzz FUZZ_SECONDS=60
+FUZZ_SECONDS ?= 60
+fuzz:
+	@mkdir -p build/fuzz-corpus
+	clang -g -O1 -fsanitize=fuzzer,address,undefined -D_GNU_SOURCE -Icommon -Iproto \
+	    tests/fuzz/fuzz_proto.c proto/proto.c $(call PC,msgpack) $(call PL,msgpack) -o build/fuzz_proto
+	build/fuzz_proto -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 build/fuzz-corpus

@@ -34,4 +34,8 @@ install -m 0644 README.md "$DOCDIR/"
 for d in docs/*.md; do
 	[ -f "$d" ] && install -m 0644 "$d" "$DOCDIR/"
 done
+if [ -d docs/examples ]; then
+	install -d "$DOCDIR/examples"
+	install -m 0644 docs/examples/* "$DOCDIR/examples/"
+fi
 exit 0

@@ -291,7 +291,12 @@ ctl_client_next(struct ctl_client *c, int timeout_ms, msgpack_unpacked *msg, cha
 			snprintf(err, errlen, "reading from sparkd: %s", strerror(errno));
 			return CTL_FAILED;
 		}
-		if (proto_reader_feed(&c->rd, buf, (size_t)n) != PROTO_READ_NEED_MORE) {
+		int fr = proto_reader_feed(&c->rd, buf, (size_t)n);
+		if (fr == PROTO_READ_BAD) {
+			snprintf(err, errlen, "malformed reply from sparkd (not msgpack-RPC)");
+			return CTL_FAILED;
+		}
+		if (fr != PROTO_READ_NEED_MORE) {
 			snprintf(err, errlen, "reply from sparkd exceeds the %d KiB frame limit",
 			         SPARK_FRAME_MAX / 1024);
 			return CTL_FAILED;

@@ -280,14 +280,17 @@ rconn_ensure(struct rconn *rc, const atomic_int *abort, double max_wait)
 			/* the connection stays "down" until a command succeeds: a server that accepts connections but
 			 * answers errors (LOADING after a restart) is retried with the same backoff */
 			double until = now_mono() + rc->backoff;
-			if (max_wait >= 0 && until > start + max_wait)
-				return -1;
+			bool last = max_wait >= 0 && until > start + max_wait;
+			if (last)
+				until = start + max_wait; /* wait out the budget anyway: callers loop on failure */
 			while (now_mono() < until) {
 				if (abort != NULL && atomic_load(abort))
 					return -1;
 				struct timespec ts = {0, 20 * 1000 * 1000};
 				nanosleep(&ts, NULL);
 			}
+			if (last)
+				return -1;
 		}
 		if (abort != NULL && atomic_load(abort))
 			return -1;

@@ -595,8 +595,8 @@ engine_startup(struct worker *w, const sigset_t *set)
 		if (rconn_ensure(&w->ctl, NULL, 0.5) == 0 && broker_register(&w->ctl) == 0 &&
 		    broker_recover_dead(&w->ctl) == 0 && broker_restore_unacked(&w->ctl) == 0)
 			return 0;
-		struct timespec zero = {0, 0};
-		int sig = sigtimedwait(set, NULL, &zero);
+		struct timespec tick = {0, 50 * 1000 * 1000};
+		int sig = sigtimedwait(set, NULL, &tick);
 		if (sig == SIGTERM || sig == SIGINT || sig == SIGQUIT)
 			return -1;
 	}
