@@ -104,6 +104,19 @@ report_parse(const char *buf, size_t len, struct report *r)
 			n = sizeof r->text - 1;
 		memcpy(r->text, p, n);
 		r->text[n] = '\0';
+	} else if (!strcmp(kind, "queues")) {
+		r->kind = REPORT_QUEUES;
+		char item[96];
+		while (r->nqueues < REPORT_MAX_QUEUES && word(&p, end, item, sizeof item) == 0) {
+			char *eq = strrchr(item, '=');
+			long n;
+			if (eq == NULL || eq == item || (size_t)(eq - item) >= sizeof r->queue[0] ||
+			    parse_long(eq + 1, &n) < 0 || n < 0)
+				return -1;
+			*eq = '\0';
+			spark_strlcpy(r->queue[r->nqueues], item, sizeof r->queue[0]);
+			r->queue_len[r->nqueues++] = n;
+		}
 	} else {
 		r->kind = REPORT_UNKNOWN;
 	}

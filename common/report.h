@@ -9,6 +9,8 @@
  *                                                           current tasks; start a replacement now
  *   draining                                                stopped fetching (warm stop)
  *   problem <text>                                          e.g. broker unreachable; "problem" alone clears it
+ *   queues <name>=<len> ...                                 lengths of the consumed queues (all priority steps
+ *                                                           summed), sent every few seconds by one process
  *
  * Ids and task names never contain spaces (a task id with spaces is reported as "-").
  * Bump nothing: sparkd and spark-worker always ship together. Unknown reports are ignored by sparkd.
@@ -29,7 +31,10 @@ enum report_kind {
 	REPORT_RECYCLE,
 	REPORT_DRAINING,
 	REPORT_PROBLEM,
+	REPORT_QUEUES,
 };
+
+#define REPORT_MAX_QUEUES 32
 
 struct report {
 	enum report_kind kind;
@@ -43,6 +48,9 @@ struct report {
 	long rss_kib;
 	char reason[64];
 	char text[512];
+	int nqueues;
+	char queue[REPORT_MAX_QUEUES][64];
+	long queue_len[REPORT_MAX_QUEUES];
 };
 
 /* Send one report; silently does nothing when fd 3 is not a socket (spark-worker run by hand). */

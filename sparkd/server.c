@@ -327,7 +327,8 @@ ctl_pack_status(struct sparkd *sd, msgpack_packer *pk, bool verbose, bool with_p
 	const struct spark_config *cfg = &sd->cfg;
 	msgpack_pack_map(pk, with_procs ? 2 : 3);
 	proto_pack_key(pk, "supervisor");
-	msgpack_pack_map(pk, 15);
+	bool qknown = sd->nqlen > 0;
+	msgpack_pack_map(pk, qknown ? 17 : 15);
 	proto_pack_kv_int(pk, "pid", sd->pid);
 	proto_pack_kv_str(pk, "version", SPARK_VERSION);
 	proto_pack_kv_int(pk, "protocol", SPARK_PROTOCOL_VERSION);
@@ -342,6 +343,13 @@ ctl_pack_status(struct sparkd *sd, msgpack_packer *pk, bool verbose, bool with_p
 	msgpack_pack_array(pk, (size_t)cfg->nqueues);
 	for (int i = 0; i < cfg->nqueues; i++)
 		proto_pack_str(pk, cfg->queues[i]);
+	if (qknown) {
+		proto_pack_key(pk, "queue_lengths");
+		msgpack_pack_map(pk, (size_t)sd->nqlen);
+		for (int i = 0; i < sd->nqlen; i++)
+			proto_pack_kv_int(pk, sd->qname[i], sd->qlen[i]);
+		proto_pack_kv_double(pk, "queue_lengths_at", sd->qlen_at);
+	}
 	proto_pack_key(pk, "limits");
 	msgpack_pack_map(pk, 4);
 	proto_pack_kv_int(pk, "max_tasks_per_child", cfg->max_tasks_per_child);

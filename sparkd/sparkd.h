@@ -248,6 +248,12 @@ struct sparkd {
 	int ready_fd; /* pipe to the --daemon parent, -1 */
 	bool ready;   /* every worker reported ready once */
 	bool daemon;
+
+	/* queue lengths, as the workers last reported them (sparkd has no Redis client of its own) */
+	int nqlen;
+	char qname[REPORT_MAX_QUEUES][64];
+	long qlen[REPORT_MAX_QUEUES];
+	double qlen_at;
 };
 
 /* lifecycle.c */

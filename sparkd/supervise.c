@@ -390,6 +390,14 @@ proc_report(struct sd_proc *p, const struct report *r)
 	case REPORT_PROBLEM:
 		spark_strlcpy(p->problem, r->text, sizeof p->problem);
 		break;
+	case REPORT_QUEUES:
+		sd->nqlen = r->nqueues;
+		for (int i = 0; i < r->nqueues; i++) {
+			spark_strlcpy(sd->qname[i], r->queue[i], sizeof sd->qname[i]);
+			sd->qlen[i] = r->queue_len[i];
+		}
+		sd->qlen_at = now_wall();
+		break;
 	case REPORT_UNKNOWN:
 		break;
 	}

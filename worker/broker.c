@@ -21,60 +21,60 @@
 #include "worker.h"
 
 /* Records a fetched message in kombu's unacked hash and unacked_index zset, exactly as QoS.append does. */
-#define LUA_RECORD_FN                                                                                              \
-	"local function record(m, now, qname, unacked, index)\n"                                                   \
-	"  local ok, env = pcall(cjson.decode, m)\n"                                                               \
-	"  if not ok or type(env) ~= 'table' or type(env.properties) ~= 'table' then return '' end\n"              \
-	"  local tag = env.properties.delivery_tag\n"                                                              \
-	"  if type(tag) ~= 'string' or tag == '' then return '' end\n"                                             \
-	"  local ex, rk = '', qname\n"                                                                             \
-	"  local di = env.properties.delivery_info\n"                                                              \
-	"  if type(di) == 'table' then\n"                                                                          \
-	"    if type(di.exchange) == 'string' then ex = di.exchange end\n"                                         \
-	"    if type(di.routing_key) == 'string' and di.routing_key ~= '' then rk = di.routing_key end\n"          \
-	"  end\n"                                                                                                  \
-	"  redis.call('HSET', unacked, tag, '[' .. m .. ', ' .. cjson.encode(ex) .. ', ' .. cjson.encode(rk) .. ']')\n" \
-	"  redis.call('ZADD', index, now, tag)\n"                                                                  \
-	"  return tag\n"                                                                                           \
+#define LUA_RECORD_FN                                                                                                  \
+	"local function record(m, now, qname, unacked, index)\n"                                                       \
+	"  local ok, env = pcall(cjson.decode, m)\n"                                                                   \
+	"  if not ok or type(env) ~= 'table' or type(env.properties) ~= 'table' then return '' end\n"                  \
+	"  local tag = env.properties.delivery_tag\n"                                                                  \
+	"  if type(tag) ~= 'string' or tag == '' then return '' end\n"                                                 \
+	"  local ex, rk = '', qname\n"                                                                                 \
+	"  local di = env.properties.delivery_info\n"                                                                  \
+	"  if type(di) == 'table' then\n"                                                                              \
+	"    if type(di.exchange) == 'string' then ex = di.exchange end\n"                                             \
+	"    if type(di.routing_key) == 'string' and di.routing_key ~= '' then rk = di.routing_key end\n"              \
+	"  end\n"                                                                                                      \
+	"  redis.call('HSET', unacked, tag, '[' .. m .. ', ' .. cjson.encode(ex) .. ', ' .. cjson.encode(rk) .. "      \
+	"']')\n"                                                                                                       \
+	"  redis.call('ZADD', index, now, tag)\n"                                                                      \
+	"  return tag\n"                                                                                               \
 	"end\n"
 
 static const char *const script_src[SCRIPT_COUNT] = {
     /* FETCH. KEYS: processing, unacked, unacked_index, queue keys in kombu's order. ARGV: now, queue names. */
-    [SCRIPT_FETCH] = LUA_RECORD_FN
-    "for i = 4, #KEYS do\n"
-    "  local m = redis.call('LMOVE', KEYS[i], KEYS[1], 'RIGHT', 'LEFT')\n"
-    "  if m then return {KEYS[i], m, record(m, ARGV[1], ARGV[i - 2], KEYS[2], KEYS[3])} end\n"
-    "end\n"
-    "return false\n",
+    [SCRIPT_FETCH] =
+        LUA_RECORD_FN "for i = 4, #KEYS do\n"
+                      "  local m = redis.call('LMOVE', KEYS[i], KEYS[1], 'RIGHT', 'LEFT')\n"
+                      "  if m then return {KEYS[i], m, record(m, ARGV[1], ARGV[i - 2], KEYS[2], KEYS[3])} end\n"
+                      "end\n"
+                      "return false\n",
     /* RECORD (after BLMOVE into the landing list). KEYS: landing, processing, unacked, unacked_index.
        ARGV: message, now, queue name. */
-    [SCRIPT_RECORD] = LUA_RECORD_FN
-    "if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return false end\n"
-    "redis.call('LPUSH', KEYS[2], ARGV[1])\n"
-    "return record(ARGV[1], ARGV[2], ARGV[3], KEYS[3], KEYS[4])\n",
+    [SCRIPT_RECORD] = LUA_RECORD_FN "if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return false end\n"
+                                    "redis.call('LPUSH', KEYS[2], ARGV[1])\n"
+                                    "return record(ARGV[1], ARGV[2], ARGV[3], KEYS[3], KEYS[4])\n",
     /* ACK. KEYS: processing, unacked, unacked_index. ARGV: message, tag. */
     [SCRIPT_ACK] = "redis.call('LREM', KEYS[1], 1, ARGV[1])\n"
-		   "if ARGV[2] ~= '' then\n"
-		   "  redis.call('HDEL', KEYS[2], ARGV[2])\n"
-		   "  redis.call('ZREM', KEYS[3], ARGV[2])\n"
-		   "end\n"
-		   "return 1\n",
+                   "if ARGV[2] ~= '' then\n"
+                   "  redis.call('HDEL', KEYS[2], ARGV[2])\n"
+                   "  redis.call('ZREM', KEYS[3], ARGV[2])\n"
+                   "end\n"
+                   "return 1\n",
     /* DEADLETTER. KEYS: processing, unacked, unacked_index, deadletter. ARGV: message, tag, entry. */
     [SCRIPT_DEADLETTER] = "redis.call('LREM', KEYS[1], 1, ARGV[1])\n"
-			  "if ARGV[2] ~= '' then\n"
-			  "  redis.call('HDEL', KEYS[2], ARGV[2])\n"
-			  "  redis.call('ZREM', KEYS[3], ARGV[2])\n"
-			  "end\n"
-			  "redis.call('LPUSH', KEYS[4], ARGV[3])\n"
-			  "return 1\n",
+                          "if ARGV[2] ~= '' then\n"
+                          "  redis.call('HDEL', KEYS[2], ARGV[2])\n"
+                          "  redis.call('ZREM', KEYS[3], ARGV[2])\n"
+                          "end\n"
+                          "redis.call('LPUSH', KEYS[4], ARGV[3])\n"
+                          "return 1\n",
     /* PARK (ETA, defer). KEYS: processing, unacked, unacked_index, spark:eta. ARGV: message, tag, score, member. */
     [SCRIPT_PARK] = "if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end\n"
-		    "if ARGV[2] ~= '' then\n"
-		    "  redis.call('HDEL', KEYS[2], ARGV[2])\n"
-		    "  redis.call('ZREM', KEYS[3], ARGV[2])\n"
-		    "end\n"
-		    "redis.call('ZADD', KEYS[4], ARGV[3], ARGV[4])\n"
-		    "return 1\n",
+                    "if ARGV[2] ~= '' then\n"
+                    "  redis.call('HDEL', KEYS[2], ARGV[2])\n"
+                    "  redis.call('ZREM', KEYS[3], ARGV[2])\n"
+                    "end\n"
+                    "redis.call('ZADD', KEYS[4], ARGV[3], ARGV[4])\n"
+                    "return 1\n",
     /*
      * REQUEUE. KEYS: list, unacked, unacked_index, destination. ARGV: message, new message, tag, mode.
      * mode "list": a processing list, whose messages are always in unacked too; when the unacked entry is gone,
@@ -82,54 +82,55 @@ static const char *const script_src[SCRIPT_COUNT] = {
      * mode "landing": a landing list, never recorded in unacked.
      */
     [SCRIPT_REQUEUE] = "if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end\n"
-		       "if ARGV[4] == 'list' and ARGV[3] ~= '' then\n"
-		       "  local had = redis.call('HDEL', KEYS[2], ARGV[3])\n"
-		       "  redis.call('ZREM', KEYS[3], ARGV[3])\n"
-		       "  if had == 0 then return 2 end\n"
-		       "end\n"
-		       "redis.call('RPUSH', KEYS[4], ARGV[2])\n"
-		       "return 1\n",
+                       "if ARGV[4] == 'list' and ARGV[3] ~= '' then\n"
+                       "  local had = redis.call('HDEL', KEYS[2], ARGV[3])\n"
+                       "  redis.call('ZREM', KEYS[3], ARGV[3])\n"
+                       "  if had == 0 then return 2 end\n"
+                       "end\n"
+                       "redis.call('RPUSH', KEYS[4], ARGV[2])\n"
+                       "return 1\n",
     /* DUE. KEYS: spark:eta, deadletter. ARGV: now, limit. */
-    [SCRIPT_DUE] = "local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))\n"
-		   "for _, member in ipairs(due) do\n"
-		   "  redis.call('ZREM', KEYS[1], member)\n"
-		   "  local ok, e = pcall(cjson.decode, member)\n"
-		   "  if ok and type(e) == 'table' and type(e.queue) == 'string' and type(e.envelope) == 'string' then\n"
-		   "    redis.call('RPUSH', e.queue, e.envelope)\n"
-		   "  else\n"
-		   "    redis.call('LPUSH', KEYS[2], cjson.encode({reason = 'unreadable spark:eta entry', queue = cjson.null,\n"
-		   "      at = tonumber(ARGV[1]), message = member}))\n"
-		   "  end\n"
-		   "end\n"
-		   "return #due\n",
+    [SCRIPT_DUE] =
+        "local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))\n"
+        "for _, member in ipairs(due) do\n"
+        "  redis.call('ZREM', KEYS[1], member)\n"
+        "  local ok, e = pcall(cjson.decode, member)\n"
+        "  if ok and type(e) == 'table' and type(e.queue) == 'string' and type(e.envelope) == 'string' then\n"
+        "    redis.call('RPUSH', e.queue, e.envelope)\n"
+        "  else\n"
+        "    redis.call('LPUSH', KEYS[2], cjson.encode({reason = 'unreadable spark:eta entry', queue = cjson.null,\n"
+        "      at = tonumber(ARGV[1]), message = member}))\n"
+        "  end\n"
+        "end\n"
+        "return #due\n",
     /* SWEEP_ONE (kombu's restore_by_tag). KEYS: unacked, unacked_index, destination.
        ARGV: tag, value read before, new message, push ("1"/"0"). */
     [SCRIPT_SWEEP_ONE] = "local v = redis.call('HGET', KEYS[1], ARGV[1])\n"
-			 "if not v then redis.call('ZREM', KEYS[2], ARGV[1]) return 0 end\n"
-			 "if v ~= ARGV[2] then return 0 end\n"
-			 "redis.call('HDEL', KEYS[1], ARGV[1])\n"
-			 "redis.call('ZREM', KEYS[2], ARGV[1])\n"
-			 "if ARGV[4] == '1' then redis.call('RPUSH', KEYS[3], ARGV[3]) end\n"
-			 "return 1\n",
+                         "if not v then redis.call('ZREM', KEYS[2], ARGV[1]) return 0 end\n"
+                         "if v ~= ARGV[2] then return 0 end\n"
+                         "redis.call('HDEL', KEYS[1], ARGV[1])\n"
+                         "redis.call('ZREM', KEYS[2], ARGV[1])\n"
+                         "if ARGV[4] == '1' then redis.call('RPUSH', KEYS[3], ARGV[3]) end\n"
+                         "return 1\n",
     /* UNLOCK (redis-py's lock release). KEYS: mutex. ARGV: token. */
     [SCRIPT_UNLOCK] = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end\n"
-		      "return 0\n",
+                      "return 0\n",
     /* UNREGISTER. KEYS: spark:processing, list, landing, alive key. ARGV: member. */
     [SCRIPT_UNREGISTER] = "if redis.call('LLEN', KEYS[2]) == 0 and redis.call('LLEN', KEYS[3]) == 0 then\n"
-			  "  redis.call('SREM', KEYS[1], ARGV[1])\n"
-			  "  redis.call('DEL', KEYS[4])\n"
-			  "  return 1\n"
-			  "end\n"
-			  "return 0\n",
+                          "  redis.call('SREM', KEYS[1], ARGV[1])\n"
+                          "  redis.call('DEL', KEYS[4])\n"
+                          "  return 1\n"
+                          "end\n"
+                          "return 0\n",
     /* STORE (Celery result meta). KEYS: meta key. ARGV: meta, expires. Never overwrites a SUCCESS. */
     [SCRIPT_STORE] = "local cur = redis.call('GET', KEYS[1])\n"
-		     "if cur then\n"
-		     "  local ok, d = pcall(cjson.decode, cur)\n"
-		     "  if ok and type(d) == 'table' and d.status == 'SUCCESS' then return 0 end\n"
-		     "end\n"
-		     "redis.call('SETEX', KEYS[1], ARGV[2], ARGV[1])\n"
-		     "redis.call('PUBLISH', KEYS[1], ARGV[1])\n"
-		     "return 1\n",
+                     "if cur then\n"
+                     "  local ok, d = pcall(cjson.decode, cur)\n"
+                     "  if ok and type(d) == 'table' and d.status == 'SUCCESS' then return 0 end\n"
+                     "end\n"
+                     "redis.call('SETEX', KEYS[1], ARGV[2], ARGV[1])\n"
+                     "redis.call('PUBLISH', KEYS[1], ARGV[1])\n"
+                     "return 1\n",
 };
 
 void
@@ -227,7 +228,7 @@ rconn_connect(struct rconn *rc, char *err, size_t errlen)
 {
 	struct timeval ctv = {2, 0};
 	redisContext *c = rc->url->path ? redisConnectUnixWithTimeout(rc->url->path, ctv)
-					: redisConnectWithTimeout(rc->url->host, rc->url->port, ctv);
+	                                : redisConnectWithTimeout(rc->url->host, rc->url->port, ctv);
 	if (c == NULL) {
 		snprintf(err, errlen, "out of memory");
 		return -1;
@@ -414,10 +415,11 @@ broker_record(struct rconn *rc, struct held *h)
 	struct worker *w = rc->w;
 	char now[64];
 	char *qname = message_queue_of_key(h->qkey);
-	const char *argv[] = {w->landing_key, w->proc_key, KEY_UNACKED, KEY_UNACKED_INDEX, h->raw,
-	    score_str(now_wall(), now, sizeof now), qname};
-	size_t lens[] = {strlen(argv[0]), strlen(argv[1]), strlen(argv[2]), strlen(argv[3]), h->len, strlen(now),
-	    strlen(qname)};
+	const char *argv[] = {
+	    w->landing_key, w->proc_key, KEY_UNACKED, KEY_UNACKED_INDEX, h->raw, score_str(now_wall(), now, sizeof now),
+	    qname};
+	size_t lens[] = {strlen(argv[0]), strlen(argv[1]), strlen(argv[2]), strlen(argv[3]),
+	                 h->len,          strlen(now),     strlen(qname)};
 	redisReply *r = rconn_eval(rc, SCRIPT_RECORD, 4, 3, argv, lens);
 	free(qname);
 	if (r == NULL)
@@ -490,7 +492,7 @@ broker_fetch(struct rconn *rc, struct held *h)
 
 static int
 eval_simple(struct rconn *rc, enum script_id id, int nkeys, int nargs, const char **argv, const size_t *lens,
-    long long *out)
+            long long *out)
 {
 	redisReply *r = rconn_eval(rc, id, nkeys, nargs, argv, lens);
 	if (r == NULL)
@@ -518,8 +520,8 @@ broker_deadletter(struct rconn *rc, const struct held *h, const char *reason)
 	char *entry = message_deadletter_entry(reason, queue, now_wall(), h->raw, h->len);
 	free(queue);
 	const char *argv[] = {w->proc_key, KEY_UNACKED, KEY_UNACKED_INDEX, KEY_DEADLETTER, h->raw, h->tag, entry};
-	size_t lens[] = {strlen(argv[0]), strlen(argv[1]), strlen(argv[2]), strlen(argv[3]), h->len, strlen(h->tag),
-	    strlen(entry)};
+	size_t lens[] = {strlen(argv[0]), strlen(argv[1]), strlen(argv[2]), strlen(argv[3]),
+	                 h->len,          strlen(h->tag),  strlen(entry)};
 	int rv = eval_simple(rc, SCRIPT_DEADLETTER, 4, 3, argv, lens, NULL);
 	free(entry);
 	return rv;
@@ -535,8 +537,8 @@ broker_park(struct rconn *rc, const struct held *h, double at)
 	char score[64];
 	score_str(at, score, sizeof score);
 	const char *argv[] = {w->proc_key, KEY_UNACKED, KEY_UNACKED_INDEX, KEY_ETA, h->raw, h->tag, score, member};
-	size_t lens[] = {strlen(argv[0]), strlen(argv[1]), strlen(argv[2]), strlen(argv[3]), h->len, strlen(h->tag),
-	    strlen(score), strlen(member)};
+	size_t lens[] = {strlen(argv[0]), strlen(argv[1]), strlen(argv[2]), strlen(argv[3]),
+	                 h->len,          strlen(h->tag),  strlen(score),   strlen(member)};
 	int rv = eval_simple(rc, SCRIPT_PARK, 4, 4, argv, lens, NULL);
 	free(member);
 	return rv;
@@ -544,14 +546,14 @@ broker_park(struct rconn *rc, const struct held *h, double at)
 
 static int
 requeue_from(struct rconn *rc, const char *list, const char *mode, const char *raw, size_t len, const char *tag,
-    const char *dest, long long *result)
+             const char *dest, long long *result)
 {
 	char *marked = message_mark_redelivered(raw, len);
 	const char *newm = marked ? marked : raw;
 	size_t newlen = marked ? strlen(marked) : len;
 	const char *argv[] = {list, KEY_UNACKED, KEY_UNACKED_INDEX, dest, raw, newm, tag, mode};
-	size_t lens[] = {strlen(list), strlen(argv[1]), strlen(argv[2]), strlen(dest), len, newlen, strlen(tag),
-	    strlen(mode)};
+	size_t lens[] = {strlen(list), strlen(argv[1]), strlen(argv[2]), strlen(dest),
+	                 len,          newlen,          strlen(tag),     strlen(mode)};
 	int rv = eval_simple(rc, SCRIPT_REQUEUE, 4, 4, argv, lens, result);
 	free(marked);
 	return rv;
@@ -662,7 +664,8 @@ route_of(const struct worker *w, const char *raw, size_t len)
 	json_t *props = json_object_get(env, "properties");
 	const char *rk = json_string_value(json_object_get(json_object_get(props, "delivery_info"), "routing_key"));
 	json_t *pr = json_object_get(props, "priority");
-	char *key = message_queue_key(rk && rk[0] ? rk : w->cfg->queues[0], json_is_integer(pr) ? (int)json_integer_value(pr) : 0);
+	char *key = message_queue_key(rk && rk[0] ? rk : w->cfg->queues[0],
+	                              json_is_integer(pr) ? (int)json_integer_value(pr) : 0);
 	json_decref(env);
 	return key;
 }
@@ -698,15 +701,15 @@ recover_list(struct rconn *rc, const char *list, bool landing)
 		if (dest == NULL) {
 			struct held h = {.raw = e->str, .len = e->len, .tag = "", .qkey = w->qkeys[0]};
 			char *entry = message_deadletter_entry("unreadable message left by a dead worker", NULL,
-			    now_wall(), e->str, e->len);
+			                                       now_wall(), e->str, e->len);
 			const char *argv[] = {list, KEY_UNACKED, KEY_UNACKED_INDEX, KEY_DEADLETTER, h.raw, "", entry};
 			size_t lens[] = {strlen(list), strlen(argv[1]), strlen(argv[2]), strlen(argv[3]), h.len, 0,
-			    strlen(entry)};
+			                 strlen(entry)};
 			rv = eval_simple(rc, SCRIPT_DEADLETTER, 4, 3, argv, lens, NULL);
 			free(entry);
 		} else {
 			rv = requeue_from(rc, list, landing ? "landing" : "list", e->str, e->len,
-			    landing ? "" : tag_of(env), dest, &res);
+			                  landing ? "" : tag_of(env), dest, &res);
 			if (res == 1)
 				restored++;
 		}
@@ -730,8 +733,8 @@ owner_dead(struct rconn *rc, const char *member, bool *err)
 		return true; /* not ours to judge, but nothing can ever refresh it */
 	long pid = strtol(colon + 1, NULL, 10);
 	size_t hostlen = (size_t)(colon - rest);
-	if (hostlen == strlen(w->host) && strncmp(rest, w->host, hostlen) == 0 && pid > 0 &&
-	    kill((pid_t)pid, 0) < 0 && errno == ESRCH)
+	if (hostlen == strlen(w->host) && strncmp(rest, w->host, hostlen) == 0 && pid > 0 && kill((pid_t)pid, 0) < 0 &&
+	    errno == ESRCH)
 		return true;
 	redisReply *r = rconn_command(rc, "EXISTS " KEY_ALIVE_PREFIX "%s", rest);
 	if (r == NULL) {
@@ -770,7 +773,7 @@ broker_recover_dead(struct rconn *rc)
 		int b = a < 0 ? -1 : recover_list(rc, member, false);
 		if (a > 0 || b > 0)
 			log_warnx("Restored %d message(s) held by dead worker %s", (a > 0 ? a : 0) + (b > 0 ? b : 0),
-			    member + strlen(KEY_PROCESSING_PREFIX));
+			          member + strlen(KEY_PROCESSING_PREFIX));
 		const char *argv[] = {KEY_PROCESSING_SET, member, landing, alive, member};
 		if (b < 0 || eval_simple(rc, SCRIPT_UNREGISTER, 4, 1, argv, NULL, NULL) < 0)
 			rv = -1;
@@ -844,10 +847,10 @@ restore_tag(struct rconn *rc, const char *tag)
 		bool push = newm != NULL && dest != NULL;
 		if (!push)
 			log_warnx("Could not restore unacked message %s: no queue for it; dropped as kombu does", tag);
-		const char *argv[] = {KEY_UNACKED, KEY_UNACKED_INDEX, push ? dest : KEY_UNACKED, tag, r->str,
-		    push ? newm : "", push ? "1" : "0"};
-		size_t lens[] = {strlen(argv[0]), strlen(argv[1]), strlen(argv[2]), strlen(tag), r->len,
-		    strlen(argv[5]), 1};
+		const char *argv[] = {KEY_UNACKED, KEY_UNACKED_INDEX, push ? dest : KEY_UNACKED, tag,
+		                      r->str,      push ? newm : "",  push ? "1" : "0"};
+		size_t lens[] = {
+		    strlen(argv[0]), strlen(argv[1]), strlen(argv[2]), strlen(tag), r->len, strlen(argv[5]), 1};
 		long long res = 0;
 		rv = eval_simple(rc, SCRIPT_SWEEP_ONE, 3, 4, argv, lens, &res);
 		if (rv == 0 && res == 1 && push)

@@ -24,11 +24,11 @@
 #define COLD_GRACE_S 0.8
 
 /* Retry a recording step until it succeeds; give up only on a cold stop (the message stays in Redis). */
-#define UNTIL_DONE(s, rc, expr)                                                                                    \
-	do {                                                                                                       \
-		while ((expr) < 0)                                                                                 \
-			if (rconn_ensure((rc), &(s)->w->cold, -1) < 0)                                             \
-				goto abandoned;                                                                    \
+#define UNTIL_DONE(s, rc, expr)                                                                                        \
+	do {                                                                                                           \
+		while ((expr) < 0)                                                                                     \
+			if (rconn_ensure((rc), &(s)->w->cold, -1) < 0)                                                 \
+				goto abandoned;                                                                        \
 	} while (0)
 
 static double
@@ -156,17 +156,17 @@ slot_finish_report(struct slot *s, const char *task_id, const char *outcome, boo
 /* A message that cannot run: FAILURE result when it has an id, then the dead-letter list. */
 static void
 slot_reject(struct slot *s, const struct message *m, const char *exc_module, const char *exc_type,
-    const char *exc_message, const char *reason)
+            const char *exc_message, const char *reason)
 {
 	struct held *h = &s->held;
 	char *queue = message_queue_of_key(h->qkey);
 	log_errorx("Rejecting message from queue %s (task %s[%s]): %s; moved to " KEY_DEADLETTER, queue,
-	    m->task_name ? m->task_name : "?", m->task_id ? m->task_id : "?", reason);
+	           m->task_name ? m->task_name : "?", m->task_id ? m->task_id : "?", reason);
 	free(queue);
 	if (m->task_id != NULL && slot_has_backend(s) && !m->ignore_result)
 		UNTIL_DONE(s, &s->backend,
-		    result_store(&s->backend, m->task_id, "FAILURE", result_exception(exc_module, exc_type, exc_message),
-			reason, m));
+		           result_store(&s->backend, m->task_id, "FAILURE",
+		                        result_exception(exc_module, exc_type, exc_message), reason, m));
 	UNTIL_DONE(s, &s->broker, broker_deadletter(&s->broker, h, reason));
 	return;
 abandoned:
@@ -209,8 +209,9 @@ slot_run(struct slot *s, struct message *m, task_fn fn)
 	log_info("Task %s[%s] received", m->task_name, m->task_id);
 	if (store)
 		UNTIL_DONE(s, &s->backend,
-		    result_store(&s->backend, m->task_id, "STARTED",
-			json_pack("{s:I, s:s}", "pid", (json_int_t)w->pid, "hostname", w->node), NULL, m));
+		           result_store(&s->backend, m->task_id, "STARTED",
+		                        json_pack("{s:I, s:s}", "pid", (json_int_t)w->pid, "hostname", w->node), NULL,
+		                        m));
 
 	pthread_mutex_lock(&s->mu);
 	s->state = SLOT_RUNNING;
@@ -267,8 +268,8 @@ slot_run(struct slot *s, struct message *m, task_fn fn)
 	}
 	if (cancel == TASK_CANCEL_SOFT_LIMIT && run.outcome != TASK_SUCCESS &&
 	    strcmp(run.exc_type, "SoftTimeLimitExceeded") != 0)
-		task_fail(&run, TASK_FAILURE, "celery.exceptions", "SoftTimeLimitExceeded", "soft time limit (%gs) exceeded",
-		    soft);
+		task_fail(&run, TASK_FAILURE, "celery.exceptions", "SoftTimeLimitExceeded",
+		          "soft time limit (%gs) exceeded", soft);
 	else if (cancel == TASK_CANCEL_SOFT_LIMIT && run.outcome != TASK_SUCCESS)
 		run.outcome = TASK_FAILURE;
 
@@ -288,8 +289,8 @@ slot_run(struct slot *s, struct message *m, task_fn fn)
 		free(brief);
 		if (store)
 			UNTIL_DONE(s, &s->backend,
-			    result_store(&s->backend, m->task_id, "SUCCESS", run.result ? json_incref(run.result) : NULL,
-				NULL, m));
+			           result_store(&s->backend, m->task_id, "SUCCESS",
+			                        run.result ? json_incref(run.result) : NULL, NULL, m));
 	} else if (run.outcome == TASK_RETRY) {
 		outcome = "retry";
 		double countdown = run.retry_countdown > 0 ? run.retry_countdown : 0;
@@ -297,7 +298,7 @@ slot_run(struct slot *s, struct message *m, task_fn fn)
 		char *env = message_build_retry(m, m->retries + 1, eta);
 		if (env == NULL) {
 			log_errorx("Task %s[%s] cannot be retried: its message cannot be re-encoded", m->task_name,
-			    m->task_id);
+			           m->task_id);
 			run.outcome = TASK_FAILURE;
 		} else {
 			/* publish first, then RETRY, then ack: a crash in between duplicates, never loses */
@@ -309,27 +310,29 @@ slot_run(struct slot *s, struct message *m, task_fn fn)
 			if (rv < 0)
 				goto abandoned;
 			log_info("Task %s[%s] retry: Retry in %.3gs: %s('%s')", m->task_name, m->task_id, countdown,
-			    run.exc_type, run.exc_message);
+			         run.exc_type, run.exc_message);
 			char tb[1200];
 			snprintf(tb, sizeof tb, "%s.%s: %s", run.exc_module, run.exc_type, run.exc_message);
 			if (store)
 				UNTIL_DONE(s, &s->backend,
-				    result_store(&s->backend, m->task_id, "RETRY",
-					result_exception(run.exc_module, run.exc_type, run.exc_message), tb, m));
+				           result_store(&s->backend, m->task_id, "RETRY",
+				                        result_exception(run.exc_module, run.exc_type, run.exc_message),
+				                        tb, m));
 		}
 	}
 	if (run.outcome == TASK_FAILURE) {
 		outcome = "failure";
 		log_errorx("Task %s[%s] raised unexpected: %s('%s')", m->task_name, m->task_id, run.exc_type,
-		    run.exc_message);
+		           run.exc_message);
 		char tb[1200];
 		snprintf(tb, sizeof tb, "%s.%s: %s", run.exc_module, run.exc_type, run.exc_message);
 		if (store)
 			UNTIL_DONE(s, &s->backend,
-			    result_store(&s->backend, m->task_id, "FAILURE",
-				result_exception(run.exc_module[0] ? run.exc_module : "builtins",
-				    run.exc_type[0] ? run.exc_type : "RuntimeError", run.exc_message),
-				tb, m));
+			           result_store(&s->backend, m->task_id, "FAILURE",
+			                        result_exception(run.exc_module[0] ? run.exc_module : "builtins",
+			                                         run.exc_type[0] ? run.exc_type : "RuntimeError",
+			                                         run.exc_message),
+			                        tb, m));
 	}
 	UNTIL_DONE(s, &s->broker, broker_ack(&s->broker, h));
 	json_decref(run.result);
@@ -338,7 +341,7 @@ slot_run(struct slot *s, struct message *m, task_fn fn)
 abandoned:
 	json_decref(run.result);
 	log_warnx("Task %s[%s]: cold shutdown while recording; the message stays in Redis for recovery", m->task_name,
-	    m->task_id);
+	          m->task_id);
 }
 
 /* One fetched message, from decoding to its final place (result + ack, ETA set, dead letters, queue). */
@@ -364,8 +367,9 @@ slot_handle(struct slot *s)
 		log_info("Discarding revoked task: %s[%s] (expired)", m.task_name, m.task_id);
 		if (slot_has_backend(s) && !m.ignore_result)
 			UNTIL_DONE(s, &s->backend,
-			    result_store(&s->backend, m.task_id, "REVOKED",
-				result_exception("celery.exceptions", "TaskRevokedError", "expired"), NULL, &m));
+			           result_store(&s->backend, m.task_id, "REVOKED",
+			                        result_exception("celery.exceptions", "TaskRevokedError", "expired"),
+			                        NULL, &m));
 		UNTIL_DONE(s, &s->broker, broker_ack(&s->broker, h));
 		slot_finish_report(s, m.task_id, "revoked", false);
 		goto out;
@@ -419,13 +423,38 @@ slot_main(void *arg)
 		pthread_mutex_unlock(&s->mu);
 	}
 	if (pending.raw != NULL)
-		log_warnx("A message taken while the broker connection failed stays in %s for recovery", w->landing_key);
+		log_warnx("A message taken while the broker connection failed stays in %s for recovery",
+		          w->landing_key);
 	held_free(&pending);
 	atomic_fetch_sub(&w->live_slots, 1);
 	return NULL;
 }
 
 /* ---------------------------------------------------------------- housekeeper */
+
+/* Queue lengths for sparkd's status (all priority steps summed). */
+static int
+engine_report_queues(struct worker *w, struct rconn *rc)
+{
+	char line[SPARK_REPORT_MAX] = "queues";
+	for (int q = 0; q < w->cfg->nqueues; q++) {
+		long long total = 0;
+		for (int k = q; k < w->nqkeys; k += w->cfg->nqueues) {
+			redisReply *r = rconn_command(rc, "LLEN %s", w->qkeys[k]);
+			if (r == NULL)
+				return -1;
+			if (r->type == REDIS_REPLY_INTEGER)
+				total += r->integer;
+			freeReplyObject(r);
+		}
+		const char *name = w->cfg->queues[q];
+		size_t n = strlen(line);
+		if (strpbrk(name, " \t\r\n=") == NULL && strlen(name) < 64)
+			snprintf(line + n, sizeof line - n, " %s=%lld", name, total);
+	}
+	report_send("%s", line);
+	return 0;
+}
 
 static void *
 housekeeper_main(void *arg)
@@ -438,6 +467,7 @@ housekeeper_main(void *arg)
 		refresh_every = 10;
 	double now = now_mono();
 	double next_due = now, next_refresh = now + refresh_every, next_recover = now + 10, next_sweep = now + 60;
+	double next_queues = now;
 	while (!atomic_load(&w->hk_stop)) {
 		if (rconn_ensure(&rc, &w->hk_stop, -1) < 0)
 			break;
@@ -451,6 +481,8 @@ housekeeper_main(void *arg)
 			next_recover = now + 10;
 		if (rv == 0 && now >= next_sweep && (rv = broker_restore_unacked(&rc)) == 0)
 			next_sweep = now + 60;
+		if (rv == 0 && now >= next_queues && (rv = engine_report_queues(w, &rc)) == 0)
+			next_queues = now + 5;
 		sleep_s(0.05);
 	}
 	rconn_close(&rc);
@@ -504,7 +536,7 @@ engine_requeue_all(struct worker *w, int except)
 /* The task ignored its soft limit and reached the hard one: record it, put the rest back, end the process. */
 static void __attribute__((noreturn))
 engine_hard_limit(struct worker *w, struct slot *s, struct held *h, const char *task_id, const char *task_name,
-    double hard, bool store)
+                  double hard, bool store)
 {
 	atomic_store(&s->cancel, TASK_CANCEL_HARD_LIMIT);
 	atomic_store(&w->stop, 1);
@@ -516,7 +548,8 @@ engine_hard_limit(struct worker *w, struct slot *s, struct held *h, const char *
 		for (int i = 0; i < 20 && rv < 0; i++)
 			if (rconn_ensure(&w->ctl_backend, NULL, 0.5) == 0)
 				rv = result_store(&w->ctl_backend, task_id, "FAILURE",
-				    result_exception("celery.exceptions", "TimeLimitExceeded", msg), msg, NULL);
+				                  result_exception("celery.exceptions", "TimeLimitExceeded", msg), msg,
+				                  NULL);
 	}
 	int rv = -1;
 	for (int i = 0; i < 20 && rv < 0; i++)
@@ -669,6 +702,6 @@ engine_run(struct worker *w)
 			break;
 	workflow_shutdown();
 	log_info("%s stopped (%ld task%s processed)", w->node, atomic_load(&w->processed),
-	    atomic_load(&w->processed) == 1 ? "" : "s");
+	         atomic_load(&w->processed) == 1 ? "" : "s");
 	return 0;
 }

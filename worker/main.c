@@ -15,30 +15,26 @@ static void
 usage(FILE *f)
 {
 	fprintf(f, "usage: spark-worker [--name NODE] [--slots N] [--index I] [--env-file FILE]\n"
-		   "       spark-worker --migrate | --version | --help\n"
-		   "\n"
-		   "Consumes Celery tasks from CELERY_BROKER_URL (queues SPARK_QUEUES), runs them in N slots and\n"
-		   "stores results in CELERY_RESULT_BACKEND. Normally started by sparkd; configuration comes from\n"
-		   "the environment and the env file (see sparkctl --help).\n"
-		   "  --name NODE    node name (default celery@HOST)\n"
-		   "  --slots N      concurrent tasks in this process (default: CELERY_WORKER_CONCURRENCY for the\n"
-		   "                 threads pool, else 1)\n"
-		   "  --index I      pool child number, used in the log tag (ForkPoolWorker-I)\n"
-		   "  --migrate      apply the database migrations and exit\n");
+	           "       spark-worker --migrate | --version | --help\n"
+	           "\n"
+	           "Consumes Celery tasks from CELERY_BROKER_URL (queues SPARK_QUEUES), runs them in N slots and\n"
+	           "stores results in CELERY_RESULT_BACKEND. Normally started by sparkd; configuration comes from\n"
+	           "the environment and the env file (see sparkctl --help).\n"
+	           "  --name NODE    node name (default celery@HOST)\n"
+	           "  --slots N      concurrent tasks in this process (default: CELERY_WORKER_CONCURRENCY for the\n"
+	           "                 threads pool, else 1)\n"
+	           "  --index I      pool child number, used in the log tag (ForkPoolWorker-I)\n"
+	           "  --migrate      apply the database migrations and exit\n");
 }
 
 int
 main(int argc, char **argv)
 {
 	static const struct option opts[] = {
-	    {"name", required_argument, NULL, 'n'},
-	    {"slots", required_argument, NULL, 's'},
-	    {"index", required_argument, NULL, 'i'},
-	    {"env-file", required_argument, NULL, 'e'},
-	    {"migrate", no_argument, NULL, 'm'},
-	    {"version", no_argument, NULL, 'V'},
-	    {"help", no_argument, NULL, 'h'},
-	    {NULL, 0, NULL, 0},
+	    {"name", required_argument, NULL, 'n'},  {"slots", required_argument, NULL, 's'},
+	    {"index", required_argument, NULL, 'i'}, {"env-file", required_argument, NULL, 'e'},
+	    {"migrate", no_argument, NULL, 'm'},     {"version", no_argument, NULL, 'V'},
+	    {"help", no_argument, NULL, 'h'},        {NULL, 0, NULL, 0},
 	};
 	const char *name = NULL, *env_file = NULL;
 	long slots = 0, index = -1;
@@ -101,7 +97,7 @@ main(int argc, char **argv)
 	log_init(tag, cfg.loglevel);
 	char *redacted = url_redact(cfg.broker_url);
 	log_info("spark-worker %s starting: node %s, broker %s, %ld slot%s, pool %s", SPARK_VERSION, node, redacted,
-	    slots, slots == 1 ? "" : "s", pool_name(cfg.pool));
+	         slots, slots == 1 ? "" : "s", pool_name(cfg.pool));
 	free(redacted);
 
 	struct worker w;

@@ -57,8 +57,8 @@ message_uuid4(char out[37])
 	}
 	b[6] = (unsigned char)((b[6] & 0x0f) | 0x40);
 	b[8] = (unsigned char)((b[8] & 0x3f) | 0x80);
-	snprintf(out, 37, "%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", b[0], b[1], b[2], b[3],
-	    b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]);
+	snprintf(out, 37, "%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", b[0], b[1], b[2],
+	         b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]);
 }
 
 static int
@@ -138,11 +138,10 @@ message_format_iso(double t, bool aware, char *buf, size_t len)
 	struct tm tm;
 	gmtime_r(&secs, &tm);
 	snprintf(buf, len, "%04d-%02d-%02dT%02d:%02d:%02d.%06ld%s", tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday,
-	    tm.tm_hour, tm.tm_min, tm.tm_sec, usec, aware ? "+00:00" : "");
+	         tm.tm_hour, tm.tm_min, tm.tm_sec, usec, aware ? "+00:00" : "");
 }
 
-static int
-bad(struct message *m, const char *exc_type, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static int bad(struct message *m, const char *exc_type, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 
 static int
 bad(struct message *m, const char *exc_type, const char *fmt, ...)

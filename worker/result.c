@@ -23,7 +23,7 @@ state_ready(const char *status)
 
 int
 result_store(struct rconn *rc, const char *task_id, const char *status, json_t *result, const char *traceback,
-    const struct message *m)
+             const struct message *m)
 {
 	json_t *meta = json_object();
 	json_object_set_new(meta, "status", json_string(status));

@@ -30,7 +30,7 @@ task_lookup(const char *name)
 
 void
 task_fail(struct task_run *run, enum task_outcome outcome, const char *exc_module, const char *exc_type,
-    const char *fmt, ...)
+          const char *fmt, ...)
 {
 	run->outcome = outcome;
 	spark_strlcpy(run->exc_module, exc_module, sizeof run->exc_module);
@@ -62,7 +62,8 @@ task_noop(struct task_run *run)
 {
 	json_t *x = task_arg(run, "x");
 	if (x == NULL) {
-		task_fail(run, TASK_FAILURE, "builtins", "TypeError", "noop() missing 1 required positional argument: 'x'");
+		task_fail(run, TASK_FAILURE, "builtins", "TypeError",
+		          "noop() missing 1 required positional argument: 'x'");
 		return;
 	}
 	run->outcome = TASK_SUCCESS;
@@ -75,7 +76,7 @@ task_sleep(struct task_run *run)
 	json_t *s = task_arg(run, "seconds");
 	if (s == NULL) {
 		task_fail(run, TASK_FAILURE, "builtins", "TypeError",
-		    "sleep() missing 1 required positional argument: 'seconds'");
+		          "sleep() missing 1 required positional argument: 'seconds'");
 		return;
 	}
 	if (!json_is_number(s)) {
@@ -92,7 +93,7 @@ task_sleep(struct task_run *run)
 		int c = run->cancel ? atomic_load(run->cancel) : TASK_CANCEL_NONE;
 		if (c == TASK_CANCEL_SOFT_LIMIT) {
 			task_fail(run, TASK_FAILURE, "celery.exceptions", "SoftTimeLimitExceeded",
-			    "soft time limit exceeded");
+			          "soft time limit exceeded");
 			return;
 		}
 		if (c != TASK_CANCEL_NONE) {

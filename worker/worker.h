@@ -30,21 +30,21 @@
 #include "config.h"
 #include "task.h"
 
-#define KEY_UNACKED	       "unacked"
-#define KEY_UNACKED_INDEX      "unacked_index"
-#define KEY_UNACKED_MUTEX      "unacked_mutex"
-#define KEY_PROCESSING_SET     "spark:processing"
-#define KEY_PROCESSING_PREFIX  "spark:processing:"
-#define KEY_LANDING_SUFFIX     ":landing"
-#define KEY_ALIVE_PREFIX       "spark:alive:"
-#define KEY_ETA		       "spark:eta"
-#define KEY_DEADLETTER	       "spark:deadletter"
-#define KOMBU_SEP	       "\x06\x16"
-#define RESULT_KEY_PREFIX      "celery-task-meta-"
-#define RESULT_EXPIRES	       86400
-#define ALIVE_TTL_S	       30
-#define DEFER_DELAY_S	       5.0
-#define FETCH_BLOCK_S	       "0.2"
+#define KEY_UNACKED           "unacked"
+#define KEY_UNACKED_INDEX     "unacked_index"
+#define KEY_UNACKED_MUTEX     "unacked_mutex"
+#define KEY_PROCESSING_SET    "spark:processing"
+#define KEY_PROCESSING_PREFIX "spark:processing:"
+#define KEY_LANDING_SUFFIX    ":landing"
+#define KEY_ALIVE_PREFIX      "spark:alive:"
+#define KEY_ETA               "spark:eta"
+#define KEY_DEADLETTER        "spark:deadletter"
+#define KOMBU_SEP             "\x06\x16"
+#define RESULT_KEY_PREFIX     "celery-task-meta-"
+#define RESULT_EXPIRES        86400
+#define ALIVE_TTL_S           30
+#define DEFER_DELAY_S         5.0
+#define FETCH_BLOCK_S         "0.2"
 
 /* ---- message.c ---- */
 
@@ -57,7 +57,7 @@ struct message {
 	const char *task_id;   /* NULL when unreadable */
 	json_t *args, *kwargs;
 	int retries;
-	double eta, expires;	       /* epoch seconds; 0 = none */
+	double eta, expires;           /* epoch seconds; 0 = none */
 	double hard_limit, soft_limit; /* from headers.timelimit; -1 = not given */
 	bool ignore_result;
 	bool redelivered;
@@ -142,7 +142,8 @@ int rconn_ensure(struct rconn *rc, const atomic_int *abort, double max_wait);
 /* Run a command; NULL when the connection failed (it is dropped, reconnect with rconn_ensure). */
 redisReply *rconn_command(struct rconn *rc, const char *fmt, ...);
 redisReply *rconn_argv(struct rconn *rc, int argc, const char **argv, const size_t *lens);
-redisReply *rconn_eval(struct rconn *rc, enum script_id id, int nkeys, int nargs, const char **argv, const size_t *lens);
+redisReply *rconn_eval(struct rconn *rc, enum script_id id, int nkeys, int nargs, const char **argv,
+                       const size_t *lens);
 void broker_script_shas(char sha[SCRIPT_COUNT][41]);
 
 void held_free(struct held *h);
@@ -167,16 +168,16 @@ int broker_unregister(struct rconn *rc);
 json_t *result_exception(const char *module, const char *type, const char *message);
 /* Store Celery meta unless a SUCCESS is already there. result is stolen (NULL = null). 0 or -1 (connection). */
 int result_store(struct rconn *rc, const char *task_id, const char *status, json_t *result, const char *traceback,
-    const struct message *m);
+                 const struct message *m);
 
 /* ---- engine.c ---- */
 
 enum slot_state {
 	SLOT_IDLE = 0,
-	SLOT_HELD,	/* fetched, not started */
-	SLOT_RUNNING,	/* the task function runs */
+	SLOT_HELD,      /* fetched, not started */
+	SLOT_RUNNING,   /* the task function runs */
 	SLOT_FINISHING, /* the slot records the outcome */
-	SLOT_CLAIMED,	/* the main thread took the message over (hard limit, cold stop): the slot must not touch it */
+	SLOT_CLAIMED,   /* the main thread took the message over (hard limit, cold stop): the slot must not touch it */
 };
 
 struct slot {
@@ -211,8 +212,8 @@ struct worker {
 	struct slot *slots;
 	struct rconn ctl, ctl_backend; /* main thread: start-up, hard limit, cold stop */
 
-	atomic_int stop;  /* stop fetching: warm stop or recycle */
-	atomic_int cold;  /* cold stop: cancel running tasks, put them back */
+	atomic_int stop; /* stop fetching: warm stop or recycle */
+	atomic_int cold; /* cold stop: cancel running tasks, put them back */
 	atomic_int hk_stop;
 	atomic_int live_slots;
 	atomic_int down; /* connections currently down (for the "problem" report) */
