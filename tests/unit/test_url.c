@@ -165,7 +165,10 @@ test_redaction(void **state)
 	redacts("redis://hunter2@h/0", "redis://***@h/0");
 	redacts("redis://:p@ss@h/0", "redis://:***@h/0");
 	redacts("redis://h:6379/0", "redis://h:6379/0");
-	redacts("redis://h/0?password=x@y", "redis://h/0?password=x@y");
+	/* a password in the query is masked too, and so is anything before the '@' of a URL we cannot parse */
+	redacts("redis://h/0?password=x@y", "redis://h/0?password=***");
+	redacts("unix:///r.sock?db=0&password=pw&x=1", "unix:///r.sock?db=0&password=***&x=1");
+	redacts("redis:/:hunter2@h:6379/0", "***@h:6379/0");
 	redacts("postgresql+asyncpg://spark:hunter2@db:5432/spark", "postgresql+asyncpg://spark:***@db:5432/spark");
 	redacts("unix:///tmp/r.sock?db=1", "unix:///tmp/r.sock?db=1");
 	redacts("nonsense", "nonsense");
