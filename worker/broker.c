@@ -7,7 +7,6 @@
  * the original is still where it was before it moves the new text.
  */
 #include <errno.h>
-#include <openssl/evp.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -133,19 +132,6 @@ static const char *const script_src[SCRIPT_COUNT] = {
                      "return 1\n",
 };
 
-void
-broker_script_shas(char sha[SCRIPT_COUNT][41])
-{
-	for (int i = 0; i < SCRIPT_COUNT; i++) {
-		unsigned char md[EVP_MAX_MD_SIZE];
-		unsigned int mdlen = 0;
-		if (!EVP_Digest(script_src[i], strlen(script_src[i]), md, &mdlen, EVP_sha1(), NULL))
-			fatalx("SHA-1 is not available");
-		for (unsigned int j = 0; j < mdlen && j < 20; j++)
-			snprintf(sha[i] + 2 * j, 3, "%02x", md[j]);
-	}
-}
-
 /* ---------------------------------------------------------------- connections */
 
 void
@@ -223,6 +209,40 @@ reply_is_ok(redisReply *r)
 	return r != NULL && r->type != REDIS_REPLY_ERROR;
 }
 
+/*
+ * Load every script on a new connection and keep the SHA-1 names Redis returns for EVALSHA: Redis computes
+ * them, so the worker need not load libcrypto (its ~1.6 MiB RSS in every worker process) just for SHA-1.
+ * Pipelined: one round trip. A server that forgets them later (SCRIPT FLUSH, restart) gets EVAL on NOSCRIPT.
+ */
+static int
+rconn_load_scripts(struct rconn *rc, redisContext *c, char *err, size_t errlen)
+{
+	for (int i = 0; i < SCRIPT_COUNT; i++)
+		if (redisAppendCommand(c, "SCRIPT LOAD %s", script_src[i]) != REDIS_OK) {
+			snprintf(err, errlen, "SCRIPT LOAD failed: %s", c->errstr);
+			return -1;
+		}
+	int rv = 0;
+	for (int i = 0; i < SCRIPT_COUNT; i++) {
+		void *reply = NULL;
+		if (redisGetReply(c, &reply) != REDIS_OK || reply == NULL) {
+			snprintf(err, errlen, "SCRIPT LOAD failed: %s", c->errstr[0] ? c->errstr : "connection lost");
+			return -1;
+		}
+		redisReply *r = reply;
+		if (rv == 0 && (r->type != REDIS_REPLY_STRING || r->len != 40)) {
+			snprintf(err, errlen, "SCRIPT LOAD failed: %.200s",
+			         r->type == REDIS_REPLY_ERROR ? r->str : "unexpected reply");
+			rv = -1; /* keep reading: the remaining replies are still on the wire */
+		} else if (rv == 0) {
+			memcpy(rc->sha[i], r->str, 40);
+			rc->sha[i][40] = '\0';
+		}
+		freeReplyObject(r);
+	}
+	return rv;
+}
+
 static int
 rconn_connect(struct rconn *rc, char *err, size_t errlen)
 {
@@ -262,6 +282,10 @@ rconn_connect(struct rconn *rc, char *err, size_t errlen)
 			goto fail;
 		}
 		freeReplyObject(r);
+	}
+	if (rconn_load_scripts(rc, c, err, errlen) < 0) {
+		redisFree(c);
+		return -1;
 	}
 	rc->c = c;
 	return 0;
@@ -347,7 +371,7 @@ rconn_eval(struct rconn *rc, enum script_id id, int nkeys, int nargs, const char
 	char nk[16];
 	snprintf(nk, sizeof nk, "%d", nkeys);
 	av[0] = "EVALSHA";
-	av[1] = rc->w->sha[id];
+	av[1] = rc->sha[id];
 	av[2] = nk;
 	for (int i = 0; i < nkeys + nargs; i++) {
 		av[3 + i] = argv[i];

@@ -79,7 +79,6 @@ engine_init(struct worker *w, const struct spark_config *cfg, const char *node, 
 			w->qkeys[k] = message_queue_key(cfg->queues[q], steps[p]);
 			w->qnames[k] = xstrdup(cfg->queues[q]);
 		}
-	broker_script_shas(w->sha);
 	rconn_init(&w->ctl, w, &cfg->broker, "broker");
 	if (cfg->result_backend != NULL)
 		rconn_init(&w->ctl_backend, w, &cfg->backend, "result backend");

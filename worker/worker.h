@@ -79,6 +79,11 @@ int message_parse_iso(const char *s, double *out);
 /* aware: "2026-11-26T18:46:22.400551+00:00"; naive (Celery 5.2's date_done): "2026-11-26T18:46:05.338234" */
 void message_format_iso(double t, bool aware, char *buf, size_t len);
 
+/* Standard base64 (RFC 4648, padding required; whitespace at the ends ignored) of a body_encoding "base64" body.
+ * decode: a NUL-terminated copy, or NULL for anything malformed; encode: NUL-terminated. Caller frees. */
+unsigned char *message_b64_decode(const char *s, size_t len, size_t *outlen);
+char *message_b64_encode(const unsigned char *p, size_t len);
+
 void message_uuid4(char out[37]);
 /* kombu's priority step (0, 3, 6, 9) and the Redis key of a queue at a priority (caller frees). */
 int message_priority_step(int priority);
@@ -124,6 +129,7 @@ struct rconn {
 	struct worker *w;
 	bool down; /* counted in w->down */
 	double backoff;
+	char sha[SCRIPT_COUNT][41]; /* EVALSHA names, from SCRIPT LOAD on each new connection */
 };
 
 /* A message this process holds: in its processing list and in kombu's unacked records. */
@@ -144,7 +150,6 @@ redisReply *rconn_command(struct rconn *rc, const char *fmt, ...);
 redisReply *rconn_argv(struct rconn *rc, int argc, const char **argv, const size_t *lens);
 redisReply *rconn_eval(struct rconn *rc, enum script_id id, int nkeys, int nargs, const char **argv,
                        const size_t *lens);
-void broker_script_shas(char sha[SCRIPT_COUNT][41]);
 
 void held_free(struct held *h);
 /* 1 = a message is held in h, 0 = nothing arrived, -1 = connection failed. */
@@ -208,7 +213,6 @@ struct worker {
 	char **qkeys; /* every priority key of every queue, priority-major (kombu's order) */
 	char **qnames;
 	int nqkeys;
-	char sha[SCRIPT_COUNT][41];
 	struct slot *slots;
 	struct rconn ctl, ctl_backend; /* main thread: start-up, hard limit, cold stop */
 
