@@ -33,20 +33,29 @@ CFLAGS_ALL = -std=c11 $(OPT) $(WARN) $(SANFLAGS) -pthread $(CFLAGS)
 PC = $(shell $(PKG_CONFIG) --cflags $(1) 2>/dev/null)
 PL = $(shell $(PKG_CONFIG) --libs $(1) 2>/dev/null)
 
-PKGS_COMMON = libcurl
+# Only what each program needs at run time: every library a worker links costs resident memory in each of its
+# processes (libpq + libcurl + libcrypto: ~7 MiB), hence the workflow plugin below.
+PKGS_COMMON =
 PKGS_SPARKD = $(PKGS_COMMON) libevent msgpack
-PKGS_WORKER = $(PKGS_COMMON) hiredis jansson libpq libcrypto
+PKGS_WORKER = $(PKGS_COMMON) hiredis jansson
+PKGS_WORKFLOW = libpq libcurl libcrypto jansson
 PKGS_CTL = $(PKGS_COMMON) msgpack jansson
 
 COMMON_SRC = $(wildcard common/*.c)
 PROTO_SRC = $(wildcard proto/*.c)
 SPARKD_SRC = $(wildcard sparkd/*.c)
 WORKER_SRC = $(wildcard worker/*.c)
+# The workflow stack (PostgreSQL, HTTP sources, Fernet): built into spark-workflow.so, never into spark-worker,
+# which loads it with dlopen (worker/workflow-loader.c) only when DATABASE_URL is set.
+WORKFLOW_SRC = worker/workflow.c worker/store.c worker/source.c worker/fernet.c worker/workflow-plugin.c
+WORKER_EXE_SRC = $(filter-out $(WORKFLOW_SRC),$(WORKER_SRC))
 CTL_SRC = $(wildcard sparkctl/*.c)
 
 obj = $(patsubst %.c,$(BUILD)/obj/%.o,$(1))
+# position-independent copies for the plugin
+pic = $(patsubst %.c,$(BUILD)/pic/%.o,$(1))
 
-BINS = $(BUILD)/bin/sparkd $(BUILD)/bin/spark-worker $(BUILD)/bin/sparkctl
+BINS = $(BUILD)/bin/sparkd $(BUILD)/bin/spark-worker $(BUILD)/bin/sparkctl $(BUILD)/bin/spark-workflow.so
 
 .PHONY: fuzz all test test-unit test-integration run deps install uninstall clean format lint bench check-format
 
@@ -63,7 +72,16 @@ $(BUILD)/obj/sparkd/%.o: sparkd/%.c
 	$(CC) $(CPPFLAGS_ALL) -Isparkd $(CFLAGS_ALL) $(call PC,$(PKGS_SPARKD)) -MMD -MP -c $< -o $@
 $(BUILD)/obj/worker/%.o: worker/%.c
 	@mkdir -p $(dir $@)
-	$(CC) $(CPPFLAGS_ALL) -Iworker $(CFLAGS_ALL) $(call PC,$(PKGS_WORKER)) -MMD -MP -c $< -o $@
+	$(CC) $(CPPFLAGS_ALL) -Iworker $(CFLAGS_ALL) $(call PC,$(PKGS_WORKER) $(PKGS_WORKFLOW)) -MMD -MP -c $< -o $@
+# hidden visibility: the plugin exports spark_workflow_plugin only (workflow-plugin.c)
+$(BUILD)/pic/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CPPFLAGS_ALL) -Iworker $(CFLAGS_ALL) -fPIC -fvisibility=hidden $(call PC,$(PKGS_WORKFLOW)) -MMD -MP \
+	    -c $< -o $@
+# an archive, so the plugin takes only the common/ objects it uses
+$(BUILD)/pic/libcommon.a: $(call pic,$(COMMON_SRC))
+	rm -f $@
+	$(AR) rcs $@ $^
 $(BUILD)/obj/sparkctl/%.o: sparkctl/%.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CPPFLAGS_ALL) -Isparkctl $(CFLAGS_ALL) $(call PC,$(PKGS_CTL)) -MMD -MP -c $< -o $@
@@ -71,22 +89,26 @@ $(BUILD)/obj/sparkctl/%.o: sparkctl/%.c
 $(BUILD)/bin/sparkd: $(call obj,$(SPARKD_SRC) $(COMMON_SRC) $(PROTO_SRC))
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_ALL) $(LDFLAGS) -o $@ $^ $(call PL,$(PKGS_SPARKD))
-$(BUILD)/bin/spark-worker: $(call obj,$(WORKER_SRC) $(COMMON_SRC))
+$(BUILD)/bin/spark-worker: $(call obj,$(WORKER_EXE_SRC) $(COMMON_SRC))
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_ALL) $(LDFLAGS) -o $@ $^ $(call PL,$(PKGS_WORKER)) -lm
+$(BUILD)/bin/spark-workflow.so: $(call pic,$(WORKFLOW_SRC)) $(BUILD)/pic/libcommon.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_ALL) $(LDFLAGS) -shared -Wl,-z,defs -o $@ $^ $(call PL,$(PKGS_WORKFLOW)) -lm
 $(BUILD)/bin/sparkctl: $(call obj,$(CTL_SRC) $(COMMON_SRC) $(PROTO_SRC))
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_ALL) $(LDFLAGS) -o $@ $^ $(call PL,$(PKGS_CTL))
 	ln -sf sparkctl $(BUILD)/bin/automagik-spark
 
--include $(shell find $(BUILD)/obj -name '*.d' 2>/dev/null)
+-include $(shell find $(BUILD)/obj $(BUILD)/pic -name '*.d' 2>/dev/null)
 
 # ---- unit tests (cmocka): tests/unit/test_<name>.c, linked with common/, proto/ and worker/ sources except main ----
+# (and except workflow-loader.c: the tests link the workflow code itself)
 UNIT_SRC = $(wildcard tests/unit/test_*.c)
 UNIT_BINS = $(patsubst tests/unit/%.c,$(BUILD)/tests/%,$(UNIT_SRC))
-WORKER_LIB_SRC = $(filter-out worker/main.c,$(WORKER_SRC))
+WORKER_LIB_SRC = $(filter-out worker/main.c worker/workflow-loader.c,$(WORKER_SRC))
 SPARKD_LIB_SRC = $(filter-out sparkd/main.c,$(SPARKD_SRC))
-UNIT_PKGS = $(PKGS_WORKER) $(PKGS_SPARKD) cmocka
+UNIT_PKGS = $(PKGS_WORKER) $(PKGS_WORKFLOW) $(PKGS_SPARKD) cmocka
 
 $(BUILD)/obj/tests/unit/%.o: tests/unit/%.c
 	@mkdir -p $(dir $@)
@@ -126,13 +148,15 @@ install: all
 	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(SBINDIR)
 	install -m 0755 $(BUILD)/bin/sparkd $(DESTDIR)$(SBINDIR)/sparkd
 	install -m 0755 $(BUILD)/bin/spark-worker $(DESTDIR)$(SBINDIR)/spark-worker
+	install -d $(DESTDIR)$(PREFIX)/lib/spark
+	install -m 0644 $(BUILD)/bin/spark-workflow.so $(DESTDIR)$(PREFIX)/lib/spark/spark-workflow.so
 	install -m 0755 $(BUILD)/bin/sparkctl $(DESTDIR)$(BINDIR)/sparkctl
 	ln -sf sparkctl $(DESTDIR)$(BINDIR)/automagik-spark
 	sh scripts/install-extras.sh "$(DESTDIR)" "$(PREFIX)"
 
 uninstall:
 	rm -f $(DESTDIR)$(SBINDIR)/sparkd $(DESTDIR)$(SBINDIR)/spark-worker $(DESTDIR)$(BINDIR)/sparkctl \
-	    $(DESTDIR)$(BINDIR)/automagik-spark
+	    $(DESTDIR)$(BINDIR)/automagik-spark $(DESTDIR)$(PREFIX)/lib/spark/spark-workflow.so
 
 clean:
 	rm -rf build build-san

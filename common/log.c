@@ -45,10 +45,22 @@ log_get_level(void)
 	return lg.level;
 }
 
+const char *
+log_get_tag(void)
+{
+	return lg.tag;
+}
+
 void
 log_set_journal(bool on)
 {
 	lg.journal = on;
+}
+
+bool
+log_get_journal(void)
+{
+	return lg.journal;
 }
 
 int

@@ -21,7 +21,9 @@ void log_init(const char *tag, int level);
 void log_set_tag(const char *tag);
 void log_set_level(int level);
 int log_get_level(void);
+const char *log_get_tag(void);
 void log_set_journal(bool on);
+bool log_get_journal(void);
 
 /* "debug" .. "critical" (also "warn", "fatal"; case-insensitive) -> level, or -1. */
 int log_level_parse(const char *s);

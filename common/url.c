@@ -286,23 +286,28 @@ redis_url_free(struct redis_url *u)
 	memset(u, 0, sizeof *u);
 }
 
-/* Mask a password=... query value in place. */
-static void
+/* Mask every password=... query value; returns u or its replacement (u is then freed). Not in place: a
+ * password shorter than "***" makes the string longer. */
+static char *
 redact_query(char *u)
 {
 	char *q = strchr(u, '?');
 	while (q != NULL) {
 		char *pw = strstr(q, "password=");
 		if (pw == NULL)
-			return;
+			break;
 		char *v = pw + 9;
 		size_t n = strcspn(v, "&#");
+		size_t off = (size_t)(v - u);
 		if (n > 0) {
-			memmove(v + 3, v + n, strlen(v + n) + 1);
-			memcpy(v, "***", 3);
+			char *r = xasprintf("%.*s***%s", (int)off, u, v + n);
+			free(u);
+			u = r;
+			off += 3;
 		}
-		q = v;
+		q = u + off;
 	}
+	return u;
 }
 
 char *
@@ -330,8 +335,7 @@ url_redact(const char *s)
 		const char *cut = colon ? colon + 1 : auth;
 		out = xasprintf("%.*s***%s", (int)(cut - s), s, at);
 	}
-	redact_query(out);
-	return out;
+	return redact_query(out);
 }
 
 char *

@@ -19,9 +19,26 @@
 #include "util.h"
 #include "worker.h"
 
-/* Records a fetched message in kombu's unacked hash and unacked_index zset, exactly as QoS.append does. */
+/*
+ * Records a fetched message in kombu's unacked hash and unacked_index zset, exactly as QoS.append does.
+ * The three fields it needs are read with patterns first (a JSON key cannot occur unescaped inside a string
+ * value, and kombu writes them as plain strings); decoding the whole envelope with cjson cost most of the
+ * fetch's time in Redis, so it is kept for unusual shapes only.
+ */
 #define LUA_RECORD_FN                                                                                                  \
 	"local function record(m, now, qname, unacked, index)\n"                                                       \
+	"  local tag = string.match(m, '\"delivery_tag\"%s*:%s*\"([^\"\\\\]+)\"')\n"                                        \
+	"  local di = tag and string.match(m, '\"delivery_info\"%s*:%s*(%b{})')\n"                                     \
+	"  if di then\n"                                                                                               \
+	"    local ex = string.match(di, '\"exchange\"%s*:%s*\"([^\"\\\\]*)\"')\n"                                         \
+	"    local rk = string.match(di, '\"routing_key\"%s*:%s*\"([^\"\\\\]*)\"')\n"                                      \
+	"    if ex and rk then\n"                                                                                      \
+	"      if rk == '' then rk = qname end\n"                                                                      \
+	"      redis.call('HSET', unacked, tag, '[' .. m .. ', ' .. cjson.encode(ex) .. ', ' .. cjson.encode(rk) .. ']')\n" \
+	"      redis.call('ZADD', index, now, tag)\n"                                                                  \
+	"      return tag\n"                                                                                           \
+	"    end\n"                                                                                                    \
+	"  end\n"                                                                                                      \
 	"  local ok, env = pcall(cjson.decode, m)\n"                                                                   \
 	"  if not ok or type(env) ~= 'table' or type(env.properties) ~= 'table' then return '' end\n"                  \
 	"  local tag = env.properties.delivery_tag\n"                                                                  \
@@ -36,6 +53,26 @@
 	"']')\n"                                                                                                       \
 	"  redis.call('ZADD', index, now, tag)\n"                                                                      \
 	"  return tag\n"                                                                                               \
+	"end\n"
+
+/*
+ * Celery's _store_result: never overwrite a SUCCESS, then SETEX + PUBLISH on the key's own name.
+ * Celery (and we) write "status" first; a meta in another shape is decoded in full.
+ */
+#define LUA_STORE_FN                                                                                                   \
+	"local function store(key, meta, ttl)\n"                                                                      \
+	"  local cur = redis.call('GET', key)\n"                                                                      \
+	"  if cur then\n"                                                                                             \
+	"    local st = string.match(cur, '^%s*{%s*\"status\"%s*:%s*\"(%u+)\"')\n"                                  \
+	"    if not st then\n"                                                                                        \
+	"      local ok, d = pcall(cjson.decode, cur)\n"                                                              \
+	"      if ok and type(d) == 'table' then st = d.status end\n"                                                 \
+	"    end\n"                                                                                                   \
+	"    if st == 'SUCCESS' then return 0 end\n"                                                                 \
+	"  end\n"                                                                                                     \
+	"  redis.call('SETEX', key, ttl, meta)\n"                                                                     \
+	"  redis.call('PUBLISH', key, meta)\n"                                                                        \
+	"  return 1\n"                                                                                                \
 	"end\n"
 
 static const char *const script_src[SCRIPT_COUNT] = {
@@ -122,14 +159,20 @@ static const char *const script_src[SCRIPT_COUNT] = {
                           "end\n"
                           "return 0\n",
     /* STORE (Celery result meta). KEYS: meta key. ARGV: meta, expires. Never overwrites a SUCCESS. */
-    [SCRIPT_STORE] = "local cur = redis.call('GET', KEYS[1])\n"
-                     "if cur then\n"
-                     "  local ok, d = pcall(cjson.decode, cur)\n"
-                     "  if ok and type(d) == 'table' and d.status == 'SUCCESS' then return 0 end\n"
-                     "end\n"
-                     "redis.call('SETEX', KEYS[1], ARGV[2], ARGV[1])\n"
-                     "redis.call('PUBLISH', KEYS[1], ARGV[1])\n"
-                     "return 1\n",
+    [SCRIPT_STORE] = LUA_STORE_FN "return store(KEYS[1], ARGV[1], ARGV[2])\n",
+    /*
+     * FINISH: the result and the ack in one atomic call, when the result backend is the broker's server.
+     * KEYS: processing, unacked, unacked_index, meta key. ARGV: message, tag, meta, expires, backend db, broker db.
+     */
+    [SCRIPT_FINISH] = LUA_STORE_FN "redis.call('SELECT', ARGV[5])\n"
+                                   "store(KEYS[4], ARGV[3], ARGV[4])\n"
+                                   "redis.call('SELECT', ARGV[6])\n"
+                                   "redis.call('LREM', KEYS[1], 1, ARGV[1])\n"
+                                   "if ARGV[2] ~= '' then\n"
+                                   "  redis.call('HDEL', KEYS[2], ARGV[2])\n"
+                                   "  redis.call('ZREM', KEYS[3], ARGV[2])\n"
+                                   "end\n"
+                                   "return 1\n",
 };
 
 /* ---------------------------------------------------------------- connections */
@@ -402,6 +445,57 @@ rconn_eval(struct rconn *rc, enum script_id id, int nkeys, int nargs, const char
 	return r;
 }
 
+int
+rconn_eval_send(struct rconn *rc, enum script_id id, int nkeys, int nargs, const char **argv, const size_t *lens)
+{
+	if (rc->c == NULL)
+		return -1;
+	int argc = 3 + nkeys + nargs;
+	const char **av = xcalloc((size_t)argc, sizeof *av);
+	size_t *al = xcalloc((size_t)argc, sizeof *al);
+	char nk[16];
+	snprintf(nk, sizeof nk, "%d", nkeys);
+	av[0] = "EVALSHA";
+	av[1] = rc->sha[id];
+	av[2] = nk;
+	for (int i = 0; i < 3; i++)
+		al[i] = strlen(av[i]);
+	for (int i = 0; i < nkeys + nargs; i++) {
+		av[3 + i] = argv[i];
+		al[3 + i] = lens ? lens[i] : strlen(argv[i]);
+	}
+	int rv = redisAppendCommandArgv(rc->c, argc, av, al) == REDIS_OK ? 0 : -1;
+	free(av);
+	free(al);
+	if (rv < 0)
+		rconn_drop(rc, "cannot queue a command");
+	return rv;
+}
+
+int
+rconn_collect(struct rconn *rc)
+{
+	if (rc->c == NULL)
+		return -1;
+	void *reply = NULL;
+	if (redisGetReply(rc->c, &reply) != REDIS_OK || reply == NULL) {
+		rconn_drop(rc, rc->c->errstr[0] ? rc->c->errstr : "connection lost");
+		return -1;
+	}
+	redisReply *r = reply;
+	int rv = 0;
+	if (r->type == REDIS_REPLY_ERROR) {
+		char why[300];
+		snprintf(why, sizeof why, "error reply: %.250s", r->str);
+		rconn_drop(rc, why);
+		rv = -1;
+	} else {
+		rconn_mark_up(rc);
+	}
+	freeReplyObject(r);
+	return rv;
+}
+
 /* ---------------------------------------------------------------- messages this process holds */
 
 void
@@ -534,6 +628,23 @@ broker_ack(struct rconn *rc, const struct held *h)
 	const char *argv[] = {w->proc_key, KEY_UNACKED, KEY_UNACKED_INDEX, h->raw, h->tag};
 	size_t lens[] = {strlen(argv[0]), strlen(argv[1]), strlen(argv[2]), h->len, strlen(h->tag)};
 	return eval_simple(rc, SCRIPT_ACK, 3, 2, argv, lens, NULL);
+}
+
+int
+broker_finish(struct rconn *rc, const struct held *h, const char *task_id, const char *meta, int backend_db)
+{
+	struct worker *w = rc->w;
+	char *key = xasprintf(RESULT_KEY_PREFIX "%s", task_id);
+	char ttl[16], bdb[16], qdb[16];
+	snprintf(ttl, sizeof ttl, "%d", RESULT_EXPIRES);
+	snprintf(bdb, sizeof bdb, "%d", backend_db);
+	snprintf(qdb, sizeof qdb, "%d", rc->url->db);
+	const char *argv[] = {w->proc_key, KEY_UNACKED, KEY_UNACKED_INDEX, key, h->raw, h->tag, meta, ttl, bdb, qdb};
+	size_t lens[] = {strlen(argv[0]), strlen(argv[1]), strlen(argv[2]), strlen(key), h->len,
+	                 strlen(h->tag),  strlen(meta),    strlen(ttl),     strlen(bdb), strlen(qdb)};
+	int rv = eval_simple(rc, SCRIPT_FINISH, 4, 6, argv, lens, NULL);
+	free(key);
+	return rv;
 }
 
 int

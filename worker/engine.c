@@ -31,6 +31,20 @@
 				goto abandoned;                                                                        \
 	} while (0)
 
+static bool
+str_same(const char *a, const char *b)
+{
+	return (a == NULL && b == NULL) || (a != NULL && b != NULL && strcmp(a, b) == 0);
+}
+
+/* The same Redis server with the same credentials (databases may differ). */
+static bool
+same_server(const struct redis_url *a, const struct redis_url *b)
+{
+	return str_same(a->host, b->host) && str_same(a->path, b->path) && a->port == b->port &&
+	       str_same(a->user, b->user) && str_same(a->password, b->password);
+}
+
 static double
 rand01(void)
 {
@@ -82,6 +96,7 @@ engine_init(struct worker *w, const struct spark_config *cfg, const char *node, 
 	rconn_init(&w->ctl, w, &cfg->broker, "broker");
 	if (cfg->result_backend != NULL)
 		rconn_init(&w->ctl_backend, w, &cfg->backend, "result backend");
+	w->backend_on_broker = cfg->result_backend != NULL && same_server(&cfg->broker, &cfg->backend);
 	w->slots = xcalloc((size_t)nslots, sizeof *w->slots);
 	for (int i = 0; i < nslots; i++) {
 		struct slot *s = &w->slots[i];
@@ -206,11 +221,19 @@ slot_run(struct slot *s, struct message *m, task_fn fn)
 	memset(&run, 0, sizeof run);
 
 	log_info("Task %s[%s] received", m->task_name, m->task_id);
-	if (store)
-		UNTIL_DONE(s, &s->backend,
-		           result_store(&s->backend, m->task_id, "STARTED",
-		                        json_pack("{s:I, s:s}", "pid", (json_int_t)w->pid, "hostname", w->node), NULL,
-		                        m));
+	/* STARTED goes out without waiting for its reply: the task runs meanwhile, the reply is read before the
+	 * outcome is written on the same connection, so the order is kept and a round trip is saved */
+	bool started_pending = false;
+	if (store) {
+		char *meta = result_meta_text(m->task_id, "STARTED",
+		                              json_pack("{s:I, s:s}", "pid", (json_int_t)w->pid, "hostname", w->node),
+		                              NULL, m);
+		if (meta != NULL) {
+			if (rconn_ensure(&s->backend, &w->cold, -1) == 0)
+				started_pending = result_store_send(&s->backend, m->task_id, meta) == 0;
+			free(meta);
+		}
+	}
 
 	pthread_mutex_lock(&s->mu);
 	s->state = SLOT_RUNNING;
@@ -281,15 +304,19 @@ slot_run(struct slot *s, struct message *m, task_fn fn)
 	if (run.outcome == TASK_RETRY && m->retries >= cfg->max_retries)
 		run.outcome = TASK_FAILURE; /* retries exhausted: fail with the task's own exception */
 
+	/* a lost STARTED reply only means the connection dropped: the outcome below is written after a reconnect */
+	if (started_pending)
+		(void)rconn_collect(&s->backend);
+
 	const char *outcome = "success";
+	char *meta = NULL; /* the outcome's Celery meta, when results are stored */
 	if (run.outcome == TASK_SUCCESS) {
 		char *brief = json_brief(run.result);
 		log_info("Task %s[%s] succeeded in %.6fs: %s", m->task_name, m->task_id, runtime, brief);
 		free(brief);
 		if (store)
-			UNTIL_DONE(s, &s->backend,
-			           result_store(&s->backend, m->task_id, "SUCCESS",
-			                        run.result ? json_incref(run.result) : NULL, NULL, m));
+			meta = result_meta_text(m->task_id, "SUCCESS", run.result ? json_incref(run.result) : NULL, NULL,
+			                        m);
 	} else if (run.outcome == TASK_RETRY) {
 		outcome = "retry";
 		double countdown = run.retry_countdown > 0 ? run.retry_countdown : 0;
@@ -313,10 +340,9 @@ slot_run(struct slot *s, struct message *m, task_fn fn)
 			char tb[1200];
 			snprintf(tb, sizeof tb, "%s.%s: %s", run.exc_module, run.exc_type, run.exc_message);
 			if (store)
-				UNTIL_DONE(s, &s->backend,
-				           result_store(&s->backend, m->task_id, "RETRY",
-				                        result_exception(run.exc_module, run.exc_type, run.exc_message),
-				                        tb, m));
+				meta = result_meta_text(
+				    m->task_id, "RETRY",
+				    result_exception(run.exc_module, run.exc_type, run.exc_message), tb, m);
 		}
 	}
 	if (run.outcome == TASK_FAILURE) {
@@ -326,14 +352,21 @@ slot_run(struct slot *s, struct message *m, task_fn fn)
 		char tb[1200];
 		snprintf(tb, sizeof tb, "%s.%s: %s", run.exc_module, run.exc_type, run.exc_message);
 		if (store)
-			UNTIL_DONE(s, &s->backend,
-			           result_store(&s->backend, m->task_id, "FAILURE",
+			meta = result_meta_text(m->task_id, "FAILURE",
 			                        result_exception(run.exc_module[0] ? run.exc_module : "builtins",
 			                                         run.exc_type[0] ? run.exc_type : "RuntimeError",
 			                                         run.exc_message),
-			                        tb, m));
+			                        tb, m);
 	}
-	UNTIL_DONE(s, &s->broker, broker_ack(&s->broker, h));
+	/* the ack comes only after the outcome is recorded: in one atomic call when both live on one server */
+	if (meta != NULL && w->backend_on_broker) {
+		UNTIL_DONE(s, &s->broker, broker_finish(&s->broker, h, m->task_id, meta, cfg->backend.db));
+	} else {
+		if (meta != NULL)
+			UNTIL_DONE(s, &s->backend, result_store_text(&s->backend, m->task_id, meta));
+		UNTIL_DONE(s, &s->broker, broker_ack(&s->broker, h));
+	}
+	free(meta);
 	json_decref(run.result);
 	slot_finish_report(s, m->task_id, outcome, true);
 	return;

@@ -21,9 +21,9 @@ state_ready(const char *status)
 	return strcmp(status, "SUCCESS") == 0 || strcmp(status, "FAILURE") == 0 || strcmp(status, "REVOKED") == 0;
 }
 
-int
-result_store(struct rconn *rc, const char *task_id, const char *status, json_t *result, const char *traceback,
-             const struct message *m)
+char *
+result_meta_text(const char *task_id, const char *status, json_t *result, const char *traceback,
+                 const struct message *m)
 {
 	json_t *meta = json_object();
 	json_object_set_new(meta, "status", json_string(status));
@@ -48,17 +48,49 @@ result_store(struct rconn *rc, const char *task_id, const char *status, json_t *
 	json_object_set_new(meta, "task_id", json_string(task_id));
 	char *text = json_dumps(meta, JSON_COMPACT);
 	json_decref(meta);
+	return text;
+}
+
+static void
+result_argv(const char *task_id, const char *text, char **key, char ttl[16])
+{
+	*key = xasprintf(RESULT_KEY_PREFIX "%s", task_id);
+	snprintf(ttl, 16, "%d", RESULT_EXPIRES);
+}
+
+int
+result_store(struct rconn *rc, const char *task_id, const char *status, json_t *result, const char *traceback,
+             const struct message *m)
+{
+	char *text = result_meta_text(task_id, status, result, traceback, m);
 	if (text == NULL)
 		return 0; /* cannot happen with jansson-built values; nothing to retry */
-	char *key = xasprintf(RESULT_KEY_PREFIX "%s", task_id);
-	char ttl[16];
-	snprintf(ttl, sizeof ttl, "%d", RESULT_EXPIRES);
+	int rv = result_store_text(rc, task_id, text);
+	free(text);
+	return rv;
+}
+
+int
+result_store_text(struct rconn *rc, const char *task_id, const char *text)
+{
+	char *key, ttl[16];
+	result_argv(task_id, text, &key, ttl);
 	const char *argv[] = {key, text, ttl};
 	redisReply *r = rconn_eval(rc, SCRIPT_STORE, 1, 2, argv, NULL);
 	free(key);
-	free(text);
 	if (r == NULL)
 		return -1;
 	freeReplyObject(r);
 	return 0;
+}
+
+int
+result_store_send(struct rconn *rc, const char *task_id, const char *text)
+{
+	char *key, ttl[16];
+	result_argv(task_id, text, &key, ttl);
+	const char *argv[] = {key, text, ttl};
+	int rv = rconn_eval_send(rc, SCRIPT_STORE, 1, 2, argv, NULL);
+	free(key);
+	return rv;
 }

@@ -11,6 +11,7 @@
 #include <jansson.h>
 #include <stdatomic.h>
 #include <stdbool.h>
+#include <stddef.h>
 
 #include "config.h"
 
@@ -74,6 +75,10 @@ void task_sleep(struct task_run *run);	/* spark.sleep(seconds) -> seconds; wakes
  * Workflow tasks (workflow.c). workflow_init runs once per process before any slot starts; when DATABASE_URL
  * is unset it does nothing and the workflow tasks fail with a clear error. A database that is down never
  * stops the worker: init failures are logged and retried when a task needs the database.
+ *
+ * In spark-worker these five are workflow-loader.c's: workflow.c, store.c, source.c and fernet.c (libpq,
+ * libcurl, libcrypto) live in the plugin spark-workflow.so, loaded only when DATABASE_URL is set, so a worker
+ * without workflows does not carry those libraries' memory. Unit tests link workflow.c directly.
  */
 int workflow_init(const struct spark_config *cfg, const char *node, int slots);
 void workflow_shutdown(void);
@@ -81,6 +86,29 @@ void task_execute_workflow(struct task_run *run); /* automagik_spark.core.tasks.
 void task_run_task(struct task_run *run);	  /* spark.run_task(task_row_id) */
 /* Apply the migrations and exit status (spark-worker --migrate; sparkctl db migrate). */
 int workflow_migrate(const struct spark_config *cfg);
+
+#define WORKFLOW_ERR_NO_DATABASE "DATABASE_URL is not set: workflow tasks need the automagik-spark PostgreSQL database"
+
+/*
+ * The plugin's one exported symbol (workflow-plugin.c). Bump WORKFLOW_PLUGIN_ABI whenever this struct changes;
+ * the sizes catch a plugin built against another struct task_run or struct spark_config.
+ */
+#define WORKFLOW_PLUGIN_ABI    1
+#define WORKFLOW_PLUGIN_SYMBOL "spark_workflow_plugin"
+#define WORKFLOW_PLUGIN_FILE   "spark-workflow.so"
+
+struct workflow_plugin {
+	int abi;		/* WORKFLOW_PLUGIN_ABI */
+	size_t run_size;	/* sizeof(struct task_run) */
+	size_t config_size;	/* sizeof(struct spark_config) */
+	/* the plugin has its own copy of log.c: give it the program's tag, level and journal mode */
+	void (*log_setup)(const char *tag, int level, bool journal);
+	int (*init)(const struct spark_config *cfg, const char *node, int slots);
+	void (*shutdown)(void);
+	void (*execute_workflow)(struct task_run *run);
+	void (*run_task)(struct task_run *run);
+	int (*migrate)(const struct spark_config *cfg);
+};
 
 /* Look up a task by name; NULL when unknown. */
 task_fn task_lookup(const char *name);

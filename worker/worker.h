@@ -116,6 +116,7 @@ enum script_id {
 	SCRIPT_UNLOCK,
 	SCRIPT_UNREGISTER,
 	SCRIPT_STORE,
+	SCRIPT_FINISH,
 	SCRIPT_COUNT,
 };
 
@@ -148,6 +149,10 @@ int rconn_ensure(struct rconn *rc, const atomic_int *abort, double max_wait);
 /* Run a command; NULL when the connection failed (it is dropped, reconnect with rconn_ensure). */
 redisReply *rconn_command(struct rconn *rc, const char *fmt, ...);
 redisReply *rconn_argv(struct rconn *rc, int argc, const char **argv, const size_t *lens);
+/* Send an EVALSHA without reading its reply; rconn_collect() reads it later. 0 or -1 (connection dropped). */
+int rconn_eval_send(struct rconn *rc, enum script_id id, int nkeys, int nargs, const char **argv, const size_t *lens);
+/* Read one pending reply: 0 for a non-error reply, -1 otherwise (the connection is dropped). */
+int rconn_collect(struct rconn *rc);
 redisReply *rconn_eval(struct rconn *rc, enum script_id id, int nkeys, int nargs, const char **argv,
                        const size_t *lens);
 
@@ -156,6 +161,9 @@ void held_free(struct held *h);
 int broker_fetch(struct rconn *rc, struct held *h);
 /* Each returns 0 when done, -1 when the connection failed (retry after rconn_ensure). */
 int broker_ack(struct rconn *rc, const struct held *h);
+/* Store the result meta (in backend_db) and ack, atomically, on the broker connection: for a result backend on
+ * the broker's own server. 0 or -1 (connection). */
+int broker_finish(struct rconn *rc, const struct held *h, const char *task_id, const char *meta, int backend_db);
 int broker_deadletter(struct rconn *rc, const struct held *h, const char *reason);
 int broker_park(struct rconn *rc, const struct held *h, double at);
 int broker_requeue(struct rconn *rc, const struct held *h);
@@ -174,6 +182,12 @@ json_t *result_exception(const char *module, const char *type, const char *messa
 /* Store Celery meta unless a SUCCESS is already there. result is stolen (NULL = null). 0 or -1 (connection). */
 int result_store(struct rconn *rc, const char *task_id, const char *status, json_t *result, const char *traceback,
                  const struct message *m);
+/* The meta JSON text (caller frees; NULL only on OOM). result is stolen. */
+char *result_meta_text(const char *task_id, const char *status, json_t *result, const char *traceback,
+                       const struct message *m);
+int result_store_text(struct rconn *rc, const char *task_id, const char *text);
+/* Queue the store on the connection without waiting for its reply (rconn_collect reads it). 0 or -1. */
+int result_store_send(struct rconn *rc, const char *task_id, const char *text);
 
 /* ---- engine.c ---- */
 
@@ -226,6 +240,7 @@ struct worker {
 	atomic_long processed;
 	pthread_t housekeeper;
 	bool hk_started;
+	bool backend_on_broker; /* result backend on the broker's server: result + ack in one call */
 };
 
 int engine_init(struct worker *w, const struct spark_config *cfg, const char *node, int nslots);

@@ -1015,8 +1015,7 @@ wf_ready(struct task_run *run)
 	if (!wf.inited)
 		workflow_init(run->cfg, run->node, 1);
 	if (!wf.enabled) {
-		wf_fail(run, TASK_FAILURE, "builtins", "RuntimeError",
-		        "DATABASE_URL is not set: workflow tasks need the automagik-spark PostgreSQL database");
+		wf_fail(run, TASK_FAILURE, "builtins", "RuntimeError", WORKFLOW_ERR_NO_DATABASE);
 		return false;
 	}
 	return true;

@@ -447,6 +447,46 @@ def test_no_database_url(workers, app, db):
     assert wait_result(res) == "FAILURE" and "DATABASE_URL is not set" in str(res.result)
 
 
+def mapped(pid, name):
+    with open(f"/proc/{pid}/maps") as f:
+        return name in f.read()
+
+
+def test_workflow_libraries_loaded_only_with_a_database(db, workers, app):
+    """The workflow stack (spark-workflow.so: libpq, libcurl, libcrypto) costs ~7 MiB per process: a worker
+    without DATABASE_URL never loads it, not even for a workflow task; one with DATABASE_URL loads it at start."""
+    plain = workers({"DATABASE_URL": None}, name="plain")
+    res = send(app, EXECUTE, str(uuid.uuid4()))
+    assert wait_result(res) == "FAILURE" and "DATABASE_URL is not set" in str(res.result)
+    assert app.send_task("spark.noop", args=[1]).get(timeout=t(20)) == 1
+    for lib in ("spark-workflow.so", "libpq", "libcurl", "libcrypto"):
+        assert not mapped(plain.proc.pid, lib), f"{lib} loaded without DATABASE_URL"
+    with_db = workers(name="with-db")
+    harness.wait_for(lambda: mapped(with_db.proc.pid, "spark-workflow.so"), t(10), what="the plugin loaded")
+    assert mapped(with_db.proc.pid, "libpq")
+
+
+def test_plugin_unavailable(db, workers, app, tmp_path):
+    """spark-workflow.so that cannot be loaded: workflow tasks fail with the reason (logged once, at error level),
+    built-in tasks still run, and --migrate says why in one line and exits 1."""
+    missing = str(tmp_path / "nowhere" / "spark-workflow.so")
+    w = workers({"SPARK_WORKFLOW_PLUGIN": missing})
+    for name, arg in ((EXECUTE, str(uuid.uuid4())), (RUN_TASK, str(uuid.uuid4()))):
+        res = send(app, name, arg)
+        assert wait_result(res) == "FAILURE"
+        assert isinstance(res.result, RuntimeError), res.result
+        assert str(res.result).startswith("workflow support unavailable: ") and missing in str(res.result)
+    assert app.send_task("spark.noop", args=["alive"]).get(timeout=t(20)) == "alive"
+    lines = [ln for ln in w.output().splitlines() if "] workflow support unavailable: " in ln]
+    assert len(lines) == 1 and ": ERROR/" in lines[0], w.output()
+    cp = subprocess.run([harness.binary("spark-worker"), "--migrate"], capture_output=True, text=True,
+                        env=harness.base_env({"DATABASE_URL": db.url, "SPARK_WORKFLOW_PLUGIN": missing}),
+                        timeout=t(30))
+    assert cp.returncode == 1 and cp.stdout == ""
+    err = cp.stderr.strip().splitlines()
+    assert len(err) == 1 and "workflow support unavailable" in err[0] and missing in err[0], cp.stderr
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # workers table, heartbeat, recovery
 

@@ -225,6 +225,81 @@ test_deadletter_and_eta_member(void **state)
 }
 
 static void
+b64_roundtrip(const char *plain, const char *encoded)
+{
+	char *e = message_b64_encode((const unsigned char *)plain, strlen(plain));
+	assert_string_equal(e, encoded);
+	free(e);
+	size_t n = 99;
+	unsigned char *d = message_b64_decode(encoded, strlen(encoded), &n);
+	assert_non_null(d);
+	assert_int_equal(n, strlen(plain));
+	assert_memory_equal(d, plain, n);
+	assert_int_equal(d[n], '\0');
+	free(d);
+}
+
+static void
+b64_refused(const char *s)
+{
+	size_t n;
+	unsigned char *d = message_b64_decode(s, strlen(s), &n);
+	if (d != NULL)
+		fail_msg("'%s' decoded", s);
+}
+
+static void
+test_base64(void **state)
+{
+	(void)state;
+	/* RFC 4648 section 10 */
+	b64_roundtrip("", "");
+	b64_roundtrip("f", "Zg==");
+	b64_roundtrip("fo", "Zm8=");
+	b64_roundtrip("foo", "Zm9v");
+	b64_roundtrip("foob", "Zm9vYg==");
+	b64_roundtrip("fooba", "Zm9vYmE=");
+	b64_roundtrip("foobar", "Zm9vYmFy");
+	/* every byte value, and both ends of the alphabet */
+	unsigned char all[256];
+	for (int i = 0; i < 256; i++)
+		all[i] = (unsigned char)i;
+	for (size_t len = 0; len <= sizeof all; len += 85) {
+		char *e = message_b64_encode(all, len);
+		size_t n;
+		unsigned char *d = message_b64_decode(e, strlen(e), &n);
+		assert_non_null(d);
+		assert_int_equal(n, len);
+		assert_memory_equal(d, all, len);
+		free(d);
+		free(e);
+	}
+	b64_roundtrip("\xfb\xff\xbf", "+/+/");
+	/* whitespace at the ends, as a body may carry */
+	size_t n;
+	unsigned char *d = message_b64_decode(" Zm9v\r\n", 7, &n);
+	assert_non_null(d);
+	assert_int_equal(n, 3);
+	assert_memory_equal(d, "foo", 3);
+	free(d);
+	/* malformed: bad length, missing padding, characters outside the standard alphabet (urlsafe too),
+	 * padding in the middle or too much of it, whitespace inside */
+	b64_refused("Zg");
+	b64_refused("Zg=");
+	b64_refused("Zm9vY");
+	b64_refused("Zm9v-_==");
+	b64_refused("Zm9v!A==");
+	b64_refused("Zg==Zg==");
+	b64_refused("Z===");
+	b64_refused("====");
+	b64_refused("Zm=v");
+	b64_refused("Zm 9v");
+	b64_refused("Zm9v\xc3\xa9" "A=");
+	/* the length is what counts: an embedded NUL is an invalid character */
+	assert_null(message_b64_decode("Zm\0v", 4, &n));
+}
+
+static void
 test_countdown(void **state)
 {
 	(void)state;
@@ -329,6 +404,7 @@ main(void)
 	    cmocka_unit_test(test_keys),
 	    cmocka_unit_test(test_retry_envelope),
 	    cmocka_unit_test(test_deadletter_and_eta_member),
+	    cmocka_unit_test(test_base64),
 	    cmocka_unit_test(test_countdown),
 	    cmocka_unit_test(test_tasks),
 	    cmocka_unit_test(test_result_exception),

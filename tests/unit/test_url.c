@@ -73,6 +73,27 @@ test_redis_urls(void **state)
 	assert_int_equal(u.port, 6380);
 	assert_int_equal(u.db, 2);
 	redis_url_free(&u);
+
+	/* a zone id (RFC 6874) is passed on as getaddrinfo takes it */
+	u = ok("redis://[fe80::1%25eth0]/1");
+	assert_string_equal(u.host, "fe80::1%eth0");
+	assert_int_equal(u.port, 6379);
+	redis_url_free(&u);
+
+	u = ok("redis://[::ffff:127.0.0.1]");
+	assert_string_equal(u.host, "::ffff:127.0.0.1");
+	redis_url_free(&u);
+
+	/* an empty port keeps the default; a #fragment is ignored */
+	u = ok("redis://h:/3#x");
+	assert_int_equal(u.port, 6379);
+	assert_int_equal(u.db, 3);
+	redis_url_free(&u);
+
+	u = ok("redis://h?db=4");
+	assert_string_equal(u.host, "h");
+	assert_int_equal(u.db, 4);
+	redis_url_free(&u);
 }
 
 static void
@@ -101,6 +122,24 @@ test_passwords(void **state)
 	assert_string_equal(u.user, "us er");
 	assert_string_equal(u.password, "pa ss");
 	redis_url_free(&u);
+
+	/* only the first ':' separates user and password */
+	u = ok("redis://u:a:b%2b+@h");
+	assert_string_equal(u.user, "u");
+	assert_string_equal(u.password, "a:b++");
+	redis_url_free(&u);
+
+	/* malformed escapes and %00 (which would cut the password short) are refused, without showing it */
+	bad("redis://:hunter2%00x@h/0", "escape");
+	bad("redis://:hunter2%zz@h/0", "escape");
+	bad("redis://:hunter2%4@h/0", "escape");
+	bad("redis://:hunter2%@h/0", "escape");
+	bad("redis://hunter2%g0:pw@h/0", "escape");
+	/* an unencoded '@', '/', '?' or '#' in the password */
+	bad("redis://:hunter2@x@h/0", "%40");
+	bad("redis://:hun/ter2@h/0", "%2F");
+	bad("redis://:hun?ter2@h/0", "%3F");
+	bad("redis://:hun#ter2@h/0", "%23");
 }
 
 static void
@@ -126,6 +165,18 @@ test_unix_urls(void **state)
 	bad("unix://", "unix:///path");
 	bad("unix:///", "absolute path");
 	bad("unix:///tmp/r.sock?db=x", "db");
+
+	u = ok("unix:///tmp/r%20s.sock");
+	assert_string_equal(u.path, "/tmp/r s.sock");
+	redis_url_free(&u);
+
+	u = ok("unix://localhost/tmp/r.sock");
+	assert_string_equal(u.path, "/tmp/r.sock");
+	redis_url_free(&u);
+
+	bad("unix://tmp/r.sock", "absolute path");
+	bad("unix:///tmp/r%00.sock", "escape");
+	bad("unix:///r.sock?db=0&password=hunter2", "password");
 }
 
 static void
@@ -146,6 +197,16 @@ test_refused(void **state)
 	bad("redis://h/notadb", "database");
 	bad("redis://h/-1", "database");
 	bad("redis://h/0?db=-2", "db");
+	bad("redis://h:65536/0", "port");
+	bad("redis://h:+80/0", "port");
+	bad("redis://h:1:2/0", "port");
+	bad("redis://:hunter2@:1/0", "host");
+	bad("redis://h!x/0", "host");
+	bad("redis://[::1/0", "IPv6");
+	bad("redis://[nothex]/0", "IPv6");
+	bad("redis://[::1]x/0", NULL);
+	bad("redis://h/0 ", "space");
+	bad("redis://:hunter2@h\n/0", "control");
 }
 
 static void
@@ -168,6 +229,9 @@ test_redaction(void **state)
 	/* a password in the query is masked too, and so is anything before the '@' of a URL we cannot parse */
 	redacts("redis://h/0?password=x@y", "redis://h/0?password=***");
 	redacts("unix:///r.sock?db=0&password=pw&x=1", "unix:///r.sock?db=0&password=***&x=1");
+	/* a password shorter than the mask (the string grows), and several of them */
+	redacts("unix:///r.sock?password=p", "unix:///r.sock?password=***");
+	redacts("redis://h/0?password=a&password=bb#password=c", "redis://h/0?password=***&password=***#password=***");
 	redacts("redis:/:hunter2@h:6379/0", "***@h:6379/0");
 	redacts("postgresql+asyncpg://spark:hunter2@db:5432/spark", "postgresql+asyncpg://spark:***@db:5432/spark");
 	redacts("unix:///tmp/r.sock?db=1", "unix:///tmp/r.sock?db=1");
