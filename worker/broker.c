@@ -113,15 +113,16 @@ static const char *const script_src[SCRIPT_COUNT] = {
                     "return 1\n",
     /*
      * REQUEUE. KEYS: list, unacked, unacked_index, destination. ARGV: message, new message, tag, mode.
-     * mode "list": a processing list, whose messages are always in unacked too; when the unacked entry is gone,
-     * someone else (kombu's sweep) already restored the message, so it must not be pushed twice.
+     * mode "list": a processing list. Its unacked records may be missing: a message taken with the plain LMOVE
+     * is recorded just after, and its owner may have died in between. So a message in the list is always pushed
+     * back: at least once, never lost. (The only duplicate: a dead owner's message that kombu's sweep also
+     * restored, which takes an owner dead for longer than the visibility timeout.)
      * mode "landing": a landing list, never recorded in unacked.
      */
     [SCRIPT_REQUEUE] = "if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end\n"
                        "if ARGV[4] == 'list' and ARGV[3] ~= '' then\n"
-                       "  local had = redis.call('HDEL', KEYS[2], ARGV[3])\n"
+                       "  redis.call('HDEL', KEYS[2], ARGV[3])\n"
                        "  redis.call('ZREM', KEYS[3], ARGV[3])\n"
-                       "  if had == 0 then return 2 end\n"
                        "end\n"
                        "redis.call('RPUSH', KEYS[4], ARGV[2])\n"
                        "return 1\n",
@@ -189,6 +190,9 @@ rconn_init(struct rconn *rc, struct worker *w, const struct redis_url *url, cons
 void
 rconn_close(struct rconn *rc)
 {
+	if (rc->pending > 0)
+		rc->queued_lost = true;
+	rc->pending = 0;
 	if (rc->c != NULL)
 		redisFree(rc->c);
 	rc->c = NULL;
@@ -372,10 +376,20 @@ rconn_ensure(struct rconn *rc, const atomic_int *abort, double max_wait)
 	return 0;
 }
 
+/* Read the replies of commands sent without waiting, so the next reply read is the next command's. */
+static int
+rconn_drain(struct rconn *rc)
+{
+	while (rc->pending > 0)
+		if (rconn_collect(rc) < 0)
+			return -1;
+	return 0;
+}
+
 redisReply *
 rconn_argv(struct rconn *rc, int argc, const char **argv, const size_t *lens)
 {
-	if (rc->c == NULL)
+	if (rc->c == NULL || rconn_drain(rc) < 0)
 		return NULL;
 	redisReply *r = redisCommandArgv(rc->c, argc, argv, lens);
 	if (r == NULL) {
@@ -390,7 +404,7 @@ rconn_argv(struct rconn *rc, int argc, const char **argv, const size_t *lens)
 redisReply *
 rconn_command(struct rconn *rc, const char *fmt, ...)
 {
-	if (rc->c == NULL)
+	if (rc->c == NULL || rconn_drain(rc) < 0)
 		return NULL;
 	va_list ap;
 	va_start(ap, fmt);
@@ -469,7 +483,36 @@ rconn_eval_send(struct rconn *rc, enum script_id id, int nkeys, int nargs, const
 	free(al);
 	if (rv < 0)
 		rconn_drop(rc, "cannot queue a command");
+	else
+		rc->pending++;
 	return rv;
+}
+
+int
+rconn_flush(struct rconn *rc)
+{
+	if (rc->c == NULL)
+		return -1;
+	int done = 0;
+	while (!done)
+		if (redisBufferWrite(rc->c, &done) != REDIS_OK) {
+			rconn_drop(rc, rc->c->errstr[0] ? rc->c->errstr : "connection lost");
+			return -1;
+		}
+	return 0;
+}
+
+int
+rconn_send(struct rconn *rc, int argc, const char **argv, const size_t *lens)
+{
+	if (rc->c == NULL)
+		return -1;
+	if (redisAppendCommandArgv(rc->c, argc, argv, lens) != REDIS_OK) {
+		rconn_drop(rc, "cannot queue a command");
+		return -1;
+	}
+	rc->pending++;
+	return 0;
 }
 
 int
@@ -477,6 +520,8 @@ rconn_collect(struct rconn *rc)
 {
 	if (rc->c == NULL)
 		return -1;
+	if (rc->pending > 0)
+		rc->pending--;
 	void *reply = NULL;
 	if (redisGetReply(rc->c, &reply) != REDIS_OK || reply == NULL) {
 		rconn_drop(rc, rc->c->errstr[0] ? rc->c->errstr : "connection lost");
@@ -552,10 +597,93 @@ broker_record(struct rconn *rc, struct held *h)
 	return rv;
 }
 
+/* One reply of a command sent without waiting; NULL (connection dropped) when it cannot be read. */
+static redisReply *
+rconn_read_reply(struct rconn *rc)
+{
+	if (rc->c == NULL)
+		return NULL;
+	if (rc->pending > 0)
+		rc->pending--;
+	void *reply = NULL;
+	if (redisGetReply(rc->c, &reply) != REDIS_OK || reply == NULL) {
+		rconn_drop(rc, rc->c->errstr[0] ? rc->c->errstr : "connection lost");
+		return NULL;
+	}
+	return reply;
+}
+
+/* Read queued replies but the last `keep`; ok when the last of them is an array (EXEC carried out). */
+static int
+read_queued_but(struct rconn *rc, int keep)
+{
+	int rv = 0;
+	while (rc->pending > keep) {
+		redisReply *r = rconn_read_reply(rc);
+		if (r == NULL)
+			return -1;
+		if (r->type == REDIS_REPLY_ERROR)
+			rv = -1;
+		else if (rc->pending == keep && r->type != REDIS_REPLY_ARRAY)
+			rv = -1;
+		freeReplyObject(r);
+	}
+	if (rv == 0)
+		rconn_mark_up(rc);
+	return rv;
+}
+
 int
-broker_fetch(struct rconn *rc, struct held *h)
+broker_read_queued(struct rconn *rc)
+{
+	int rv = read_queued_but(rc, 0);
+	if (rc->queued_lost)
+		rv = -1;
+	rc->queued_lost = false;
+	return rv;
+}
+
+int
+broker_fetch_queued(struct rconn *rc, struct held *h, bool *queued_ok)
 {
 	struct worker *w = rc->w;
+	*queued_ok = !rc->queued_lost;
+	rc->queued_lost = false;
+	if (rc->pending > 0 && h->raw == NULL && rc->c != NULL) {
+		/* the previous task's result + ack and this LMOVE share one round trip */
+		const char *lm[] = {"LMOVE", w->qkeys[0], w->proc_key, "RIGHT", "LEFT"};
+		size_t ll[] = {5, strlen(lm[1]), strlen(lm[2]), 5, 4};
+		if (rconn_send(rc, 5, lm, ll) < 0) {
+			*queued_ok = false;
+			return -1;
+		}
+		if (read_queued_but(rc, 1) < 0)
+			*queued_ok = false;
+		redisReply *fr = rconn_read_reply(rc);
+		if (fr == NULL) {
+			*queued_ok = false;
+			return -1;
+		}
+		if (fr->type == REDIS_REPLY_STRING) {
+			held_set(h, w->qkeys[0], fr->str, fr->len, "");
+			h->unrecorded = true;
+			freeReplyObject(fr);
+			return 1;
+		}
+		freeReplyObject(fr);
+		return 0;
+	}
+	if (rc->pending > 0 && read_queued_but(rc, 0) < 0)
+		*queued_ok = false;
+	return 0;
+}
+
+int
+broker_fetch(struct rconn *rc, struct held *h, bool *queued_ok)
+{
+	struct worker *w = rc->w;
+	*queued_ok = !rc->queued_lost;
+	rc->queued_lost = false;
 	if (h->raw != NULL) {
 		/* a landed message whose recording failed with the connection: record it first */
 		int rv = broker_record(rc, h);
@@ -563,6 +691,21 @@ broker_fetch(struct rconn *rc, struct held *h)
 			held_free(h);
 		return rv;
 	}
+	/* the common case, a message on the first (highest priority) key, costs one plain LMOVE: the message is
+	 * safe in the processing list at once, and kombu's unacked records follow without a round trip of their
+	 * own (broker_record_send) once the envelope is decoded */
+	if (rc->pending > 0 && read_queued_but(rc, 0) < 0)
+		*queued_ok = false;
+	redisReply *fr = rconn_command(rc, "LMOVE %s %s RIGHT LEFT", w->qkeys[0], w->proc_key);
+	if (fr == NULL)
+		return -1;
+	if (fr->type == REDIS_REPLY_STRING) {
+		held_set(h, w->qkeys[0], fr->str, fr->len, "");
+		h->unrecorded = true;
+		freeReplyObject(fr);
+		return 1;
+	}
+	freeReplyObject(fr);
 	int nkeys = 3 + w->nqkeys, nargs = 1 + w->nqkeys;
 	const char **argv = xcalloc((size_t)(nkeys + nargs), sizeof *argv);
 	char now[64];
@@ -628,6 +771,106 @@ broker_ack(struct rconn *rc, const struct held *h)
 	const char *argv[] = {w->proc_key, KEY_UNACKED, KEY_UNACKED_INDEX, h->raw, h->tag};
 	size_t lens[] = {strlen(argv[0]), strlen(argv[1]), strlen(argv[2]), h->len, strlen(h->tag)};
 	return eval_simple(rc, SCRIPT_ACK, 3, 2, argv, lens, NULL);
+}
+
+int
+broker_record_send(struct rconn *rc, struct held *h, const char *tag, const char *exchange, const char *routing_key)
+{
+	h->unrecorded = false;
+	if (tag == NULL || tag[0] == '\0')
+		return 0;
+	char *qname = message_queue_of_key(h->qkey);
+	json_t *ex = json_string(exchange ? exchange : "");
+	json_t *rk = json_string(routing_key && routing_key[0] ? routing_key : qname);
+	char *exs = ex ? json_dumps(ex, JSON_ENCODE_ANY) : NULL;
+	char *rks = rk ? json_dumps(rk, JSON_ENCODE_ANY) : NULL;
+	json_decref(ex);
+	json_decref(rk);
+	free(qname);
+	int rv = 0;
+	if (exs != NULL && rks != NULL) {
+		/* QoS.append's value: [<envelope as received>, "<exchange>", "<routing_key>"] */
+		char *val = xmalloc(h->len + strlen(exs) + strlen(rks) + 8);
+		size_t n = 0;
+		val[n++] = '[';
+		memcpy(val + n, h->raw, h->len);
+		n += h->len;
+		n += (size_t)sprintf(val + n, ", %s, %s]", exs, rks);
+		char now[64];
+		score_str(now_wall(), now, sizeof now);
+		const char *hset[] = {"HSET", KEY_UNACKED, tag, val};
+		size_t hl[] = {4, strlen(KEY_UNACKED), strlen(tag), n};
+		const char *zadd[] = {"ZADD", KEY_UNACKED_INDEX, now, tag};
+		size_t zl[] = {4, strlen(KEY_UNACKED_INDEX), strlen(now), strlen(tag)};
+		if (rconn_send(rc, 4, hset, hl) < 0 || rconn_send(rc, 4, zadd, zl) < 0)
+			rv = -1;
+		free(val);
+		if (rv == 0) {
+			free(h->tag);
+			h->tag = xstrdup(tag);
+		}
+	}
+	free(exs);
+	free(rks);
+	return rv;
+}
+
+int
+broker_finish_plain(struct rconn *rc, const struct held *h, const char *task_id, const char *meta, int backend_db)
+{
+	if (rc->c == NULL || rconn_drain(rc) < 0)
+		return -1;
+	if (broker_finish_plain_send(rc, h, task_id, meta, backend_db) < 0)
+		return -1;
+	return read_queued_but(rc, 0);
+}
+
+int
+broker_finish_plain_send(struct rconn *rc, const struct held *h, const char *task_id, const char *meta,
+                         int backend_db)
+{
+	struct worker *w = rc->w;
+	if (rc->c == NULL)
+		return -1;
+	char ttl[16], bdb[16], qdb[16];
+	snprintf(ttl, sizeof ttl, "%d", RESULT_EXPIRES);
+	snprintf(bdb, sizeof bdb, "%d", backend_db);
+	snprintf(qdb, sizeof qdb, "%d", rc->url->db);
+	char *key = meta ? xasprintf(RESULT_KEY_PREFIX "%s", task_id) : NULL;
+	bool other_db = meta != NULL && backend_db != rc->url->db;
+	int rv = 0;
+#define SEND(...)                                                                                                      \
+	do {                                                                                                           \
+		const char *a_[] = {__VA_ARGS__};                                                                      \
+		size_t n_ = sizeof a_ / sizeof a_[0], l_[12];                                                          \
+		for (size_t i_ = 0; i_ < n_; i_++)                                                                     \
+			l_[i_] = strlen(a_[i_]);                                                                       \
+		if (rv == 0 && rconn_send(rc, (int)n_, a_, l_) < 0)                                                    \
+			rv = -1;                                                                                       \
+	} while (0)
+	SEND("MULTI");
+	if (meta != NULL) {
+		if (other_db)
+			SEND("SELECT", bdb);
+		SEND("SETEX", key, ttl, meta);
+		SEND("PUBLISH", key, meta);
+		if (other_db)
+			SEND("SELECT", qdb);
+	}
+	if (rv == 0) {
+		const char *a[] = {"LREM", w->proc_key, "1", h->raw};
+		size_t l[] = {4, strlen(w->proc_key), 1, h->len};
+		if (rconn_send(rc, 4, a, l) < 0)
+			rv = -1;
+	}
+	if (h->tag[0] != '\0') {
+		SEND("HDEL", KEY_UNACKED, h->tag);
+		SEND("ZREM", KEY_UNACKED_INDEX, h->tag);
+	}
+	SEND("EXEC");
+#undef SEND
+	free(key);
+	return rv;
 }
 
 int

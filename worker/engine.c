@@ -230,7 +230,9 @@ slot_run(struct slot *s, struct message *m, task_fn fn)
 		                              NULL, m);
 		if (meta != NULL) {
 			if (rconn_ensure(&s->backend, &w->cold, -1) == 0)
-				started_pending = result_store_send(&s->backend, m->task_id, meta) == 0;
+				started_pending = (m->redelivered ? result_store_send(&s->backend, m->task_id, meta)
+				                                  : result_store_plain_send(&s->backend, m->task_id, meta)) == 0 &&
+				                  rconn_flush(&s->backend) == 0;
 			free(meta);
 		}
 	}
@@ -306,7 +308,8 @@ slot_run(struct slot *s, struct message *m, task_fn fn)
 
 	/* a lost STARTED reply only means the connection dropped: the outcome below is written after a reconnect */
 	if (started_pending)
-		(void)rconn_collect(&s->backend);
+		while (s->backend.pending > 0 && rconn_collect(&s->backend) == 0)
+			;
 
 	const char *outcome = "success";
 	char *meta = NULL; /* the outcome's Celery meta, when results are stored */
@@ -358,14 +361,40 @@ slot_run(struct slot *s, struct message *m, task_fn fn)
 			                                         run.exc_message),
 			                        tb, m);
 	}
-	/* the ack comes only after the outcome is recorded: in one atomic call when both live on one server */
-	if (meta != NULL && w->backend_on_broker) {
-		UNTIL_DONE(s, &s->broker, broker_finish(&s->broker, h, m->task_id, meta, cfg->backend.db));
-	} else {
-		if (meta != NULL)
+	/*
+	 * The ack comes only after the outcome is recorded: in one atomic call when both live on one server.
+	 * A first delivery uses plain commands in MULTI/EXEC (only this run's STARTED can be stored); a redelivered
+	 * message may have succeeded before, so its write goes through the Lua guard that never overwrites SUCCESS.
+	 */
+	bool fused = meta != NULL && w->backend_on_broker;
+	if (!fused && meta != NULL) {
+		if (m->redelivered)
 			UNTIL_DONE(s, &s->backend, result_store_text(&s->backend, m->task_id, meta));
-		UNTIL_DONE(s, &s->broker, broker_ack(&s->broker, h));
+		else
+			UNTIL_DONE(s, &s->backend, result_store_plain(&s->backend, m->task_id, meta));
+		free(meta);
+		meta = NULL;
 	}
+	/* a first delivery's finish is queued and goes out with the next fetch (slot_fin_complete), unless it is
+	 * this process's last task, so that recycling never takes a message it would only put back */
+	bool last = cfg->max_tasks_per_child > 0 && atomic_load(&w->processed) + 1 >= cfg->max_tasks_per_child;
+	if (!m->redelivered && !last &&
+	    broker_finish_plain_send(&s->broker, h, m->task_id, meta, fused ? cfg->backend.db : 0) == 0) {
+		s->fin.active = true;
+		s->fin.h = *h;
+		memset(h, 0, sizeof *h);
+		s->fin.task_id = xstrdup(m->task_id);
+		s->fin.meta = meta;
+		s->fin.backend_db = fused ? cfg->backend.db : 0;
+		s->fin.outcome = outcome;
+		json_decref(run.result);
+		return;
+	}
+	if (fused && m->redelivered)
+		UNTIL_DONE(s, &s->broker, broker_finish(&s->broker, h, m->task_id, meta, cfg->backend.db));
+	else
+		UNTIL_DONE(s, &s->broker,
+		           broker_finish_plain(&s->broker, h, m->task_id, meta, fused ? cfg->backend.db : 0));
 	free(meta);
 	json_decref(run.result);
 	slot_finish_report(s, m->task_id, outcome, true);
@@ -385,7 +414,11 @@ slot_handle(struct slot *s)
 	struct message m;
 	double now = now_wall();
 	task_fn fn = NULL;
-	if (message_decode(h->raw, h->len, &m) < 0) {
+	int decoded = message_decode(h->raw, h->len, &m);
+	/* kombu's unacked records go out at once (Python sweepers see the message), their replies are read later */
+	if (h->unrecorded && broker_record_send(&s->broker, h, m.delivery_tag, m.exchange, m.routing_key) == 0)
+		(void)rconn_flush(&s->broker);
+	if (decoded < 0) {
 		slot_reject(s, &m, "builtins", m.exc_type, m.reason, m.reason);
 		goto out;
 	}
@@ -427,6 +460,24 @@ out:
 	message_free(&m);
 }
 
+/* The queued finish of the previous task: confirmed by the fetch (ok), else written again until it holds. */
+static void
+slot_fin_complete(struct slot *s, bool ok)
+{
+	struct finishing *f = &s->fin;
+	if (!ok)
+		UNTIL_DONE(s, &s->broker, broker_finish_plain(&s->broker, &f->h, f->task_id, f->meta, f->backend_db));
+	slot_finish_report(s, f->task_id, f->outcome, true);
+	goto out;
+abandoned:
+	log_warnx("Task [%s]: cold shutdown while recording; the message stays in Redis for recovery", f->task_id);
+out:
+	held_free(&f->h);
+	free(f->task_id);
+	free(f->meta);
+	memset(f, 0, sizeof *f);
+}
+
 static void *
 slot_main(void *arg)
 {
@@ -437,7 +488,15 @@ slot_main(void *arg)
 	while (!atomic_load(&w->stop)) {
 		if (rconn_ensure(&s->broker, &w->stop, -1) < 0)
 			break;
-		if (broker_fetch(&s->broker, &pending) <= 0)
+		bool queued_ok = true;
+		int got = 0;
+		if (s->fin.active) {
+			got = broker_fetch_queued(&s->broker, &pending, &queued_ok);
+			slot_fin_complete(s, queued_ok);
+		}
+		if (got == 0 && !atomic_load(&w->stop))
+			got = broker_fetch(&s->broker, &pending, &queued_ok);
+		if (got <= 0)
 			continue;
 		pthread_mutex_lock(&s->mu);
 		s->held = pending;
@@ -454,6 +513,8 @@ slot_main(void *arg)
 		s->soft_at = s->hard_at = 0;
 		pthread_mutex_unlock(&s->mu);
 	}
+	if (s->fin.active)
+		slot_fin_complete(s, broker_read_queued(&s->broker) == 0);
 	if (pending.raw != NULL)
 		log_warnx("A message taken while the broker connection failed stays in %s for recovery",
 		          w->landing_key);

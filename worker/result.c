@@ -85,6 +85,35 @@ result_store_text(struct rconn *rc, const char *task_id, const char *text)
 }
 
 int
+result_store_plain_send(struct rconn *rc, const char *task_id, const char *text)
+{
+	char *key, ttl[16];
+	result_argv(task_id, text, &key, ttl);
+	const char *setex[] = {"SETEX", key, ttl, text};
+	size_t sl[] = {5, strlen(key), strlen(ttl), strlen(text)};
+	const char *pub[] = {"PUBLISH", key, text};
+	size_t pl[] = {7, strlen(key), strlen(text)};
+	int rv = rconn_send(rc, 4, setex, sl) < 0 || rconn_send(rc, 3, pub, pl) < 0 ? -1 : 0;
+	free(key);
+	return rv;
+}
+
+int
+result_store_plain(struct rconn *rc, const char *task_id, const char *text)
+{
+	while (rc->pending > 0)
+		if (rconn_collect(rc) < 0)
+			return -1;
+	if (result_store_plain_send(rc, task_id, text) < 0)
+		return -1;
+	int rv = 0;
+	while (rc->pending > 0)
+		if (rconn_collect(rc) < 0)
+			rv = -1;
+	return rv;
+}
+
+int
 result_store_send(struct rconn *rc, const char *task_id, const char *text)
 {
 	char *key, ttl[16];

@@ -130,6 +130,8 @@ struct rconn {
 	struct worker *w;
 	bool down; /* counted in w->down */
 	double backoff;
+	int pending; /* replies of commands sent without waiting, read before the next command */
+	bool queued_lost; /* the connection closed with commands queued: whether they ran is unknown */
 	char sha[SCRIPT_COUNT][41]; /* EVALSHA names, from SCRIPT LOAD on each new connection */
 };
 
@@ -139,6 +141,7 @@ struct held {
 	size_t len;
 	char *tag;  /* delivery_tag, "" when the envelope had none */
 	char *qkey; /* the Redis key it came from: where it goes back */
+	bool unrecorded; /* taken with a plain LMOVE: kombu's unacked records are still to be written */
 };
 
 void rconn_init(struct rconn *rc, struct worker *w, const struct redis_url *url, const char *what);
@@ -153,17 +156,37 @@ redisReply *rconn_argv(struct rconn *rc, int argc, const char **argv, const size
 int rconn_eval_send(struct rconn *rc, enum script_id id, int nkeys, int nargs, const char **argv, const size_t *lens);
 /* Read one pending reply: 0 for a non-error reply, -1 otherwise (the connection is dropped). */
 int rconn_collect(struct rconn *rc);
+/* Send one plain command without waiting (counted in rc->pending). 0 or -1. */
+int rconn_send(struct rconn *rc, int argc, const char **argv, const size_t *lens);
+/* Write what was queued now, without reading replies (hiredis writes only when a reply is read). 0 or -1. */
+int rconn_flush(struct rconn *rc);
 redisReply *rconn_eval(struct rconn *rc, enum script_id id, int nkeys, int nargs, const char **argv,
                        const size_t *lens);
 
 void held_free(struct held *h);
 /* 1 = a message is held in h, 0 = nothing arrived, -1 = connection failed. */
-int broker_fetch(struct rconn *rc, struct held *h);
+/* Take one message (1), none (0) or -1 (connection). Commands queued on rc (a finish) go out with the fetch;
+ * *queued_ok tells whether they were all carried out (their last reply, EXEC's, an array). */
+int broker_fetch(struct rconn *rc, struct held *h, bool *queued_ok);
+/* Only the first step of a fetch, for a slot with a queued finish: the finish and a plain LMOVE of the first key
+ * in one round trip, so the finish is confirmed before any blocking wait. 1, 0 or -1 as broker_fetch. */
+int broker_fetch_queued(struct rconn *rc, struct held *h, bool *queued_ok);
+/* Read the replies of queued commands: 0 when all were carried out, -1 otherwise. */
+int broker_read_queued(struct rconn *rc);
+int broker_finish_plain_send(struct rconn *rc, const struct held *h, const char *task_id, const char *meta,
+                             int backend_db);
 /* Each returns 0 when done, -1 when the connection failed (retry after rconn_ensure). */
 int broker_ack(struct rconn *rc, const struct held *h);
 /* Store the result meta (in backend_db) and ack, atomically, on the broker connection: for a result backend on
  * the broker's own server. 0 or -1 (connection). */
 int broker_finish(struct rconn *rc, const struct held *h, const char *task_id, const char *meta, int backend_db);
+/* The same as one MULTI/EXEC of plain commands, without the SUCCESS guard: for a first delivery, where the only
+ * meta that can exist is this run's STARTED. meta NULL: the ack alone. 0 or -1 (connection). */
+int broker_finish_plain(struct rconn *rc, const struct held *h, const char *task_id, const char *meta,
+                        int backend_db);
+/* Queue kombu's unacked records of a message taken by the plain LMOVE (no round trip of its own). */
+int broker_record_send(struct rconn *rc, struct held *h, const char *tag, const char *exchange,
+                       const char *routing_key);
 int broker_deadletter(struct rconn *rc, const struct held *h, const char *reason);
 int broker_park(struct rconn *rc, const struct held *h, double at);
 int broker_requeue(struct rconn *rc, const struct held *h);
@@ -188,6 +211,10 @@ char *result_meta_text(const char *task_id, const char *status, json_t *result, 
 int result_store_text(struct rconn *rc, const char *task_id, const char *text);
 /* Queue the store on the connection without waiting for its reply (rconn_collect reads it). 0 or -1. */
 int result_store_send(struct rconn *rc, const char *task_id, const char *text);
+/* SETEX + PUBLISH as plain commands, without the SUCCESS guard: for a message's first delivery, where nothing
+ * but this run's own STARTED can be stored yet. _send queues them; the other waits for the replies. */
+int result_store_plain_send(struct rconn *rc, const char *task_id, const char *text);
+int result_store_plain(struct rconn *rc, const char *task_id, const char *text);
 
 /* ---- engine.c ---- */
 
@@ -197,6 +224,17 @@ enum slot_state {
 	SLOT_RUNNING,   /* the task function runs */
 	SLOT_FINISHING, /* the slot records the outcome */
 	SLOT_CLAIMED,   /* the main thread took the message over (hard limit, cold stop): the slot must not touch it */
+};
+
+/* A finished task whose result and ack were queued on the broker connection: they go out with the next fetch
+ * (one round trip for both) and are confirmed by it, or written again synchronously. */
+struct finishing {
+	bool active;
+	struct held h;
+	char *task_id;
+	char *meta; /* NULL: the ack alone */
+	int backend_db;
+	const char *outcome;
 };
 
 struct slot {
@@ -215,6 +253,7 @@ struct slot {
 	bool soft_fired;
 	bool store_result; /* the running task's outcome goes to the result backend */
 	atomic_int cancel; /* enum task_cancel, seen by the task through task_run.cancel */
+	struct finishing fin;
 };
 
 struct worker {
