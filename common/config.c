@@ -41,7 +41,7 @@ struct vdef {
 };
 
 #define OFF(f) offsetof(struct spark_config, f)
-#define NOOFF ((size_t)-1)
+#define NOOFF  ((size_t)-1)
 
 static const struct vdef vdefs[] = {
     {"SPARK_WORKERS", NULL, "1", V_INT, 1, 256, OFF(workers)},
@@ -49,9 +49,8 @@ static const struct vdef vdefs[] = {
     {"CELERY_WORKER_POOL", NULL, "prefork", V_POOL, 0, 0, OFF(pool)},
     {"SPARK_LOGLEVEL", "CELERY_WORKER_LOGLEVEL", "info", V_LEVEL, 0, 0, OFF(loglevel)},
     {"CELERY_BROKER_URL", "AUTOMAGIK_SPARK_CELERY_BROKER_URL", "redis://localhost:6379/0", V_REDIS, 0, 0,
-	OFF(broker_url)},
-    {"CELERY_RESULT_BACKEND", "AUTOMAGIK_SPARK_CELERY_RESULT_BACKEND", NULL, V_REDIS_OPT, 0, 0,
-	OFF(result_backend)},
+     OFF(broker_url)},
+    {"CELERY_RESULT_BACKEND", "AUTOMAGIK_SPARK_CELERY_RESULT_BACKEND", NULL, V_REDIS_OPT, 0, 0, OFF(result_backend)},
     {"DATABASE_URL", "AUTOMAGIK_SPARK_DATABASE_URL", NULL, V_PGURL, 0, 0, OFF(database_url)},
     {"CELERY_WORKER_MAX_TASKS_PER_CHILD", NULL, "100", V_LONG, 0, 1e9, OFF(max_tasks_per_child)},
     {"CELERY_WORKER_MAX_MEMORY_PER_CHILD", NULL, "200000", V_MEMORY, 0, 1e12, OFF(max_memory_kib)},
@@ -155,7 +154,7 @@ envfile_line(char *line, const char *name, int lineno, envfile_cb cb, void *arg,
 	for (char *k = key; *k; k++) {
 		if (!isalnum((unsigned char)*k) && *k != '_') {
 			snprintf(err, errlen, "%s:%d: bad variable name '%s' (letters, digits and _ only)", name,
-			    lineno, key);
+			         lineno, key);
 			return -1;
 		}
 	}
@@ -315,8 +314,8 @@ pick_env_file(const char *env_file, bool *explicit)
 }
 
 static int
-resolve_all(struct resolved *r, const struct config_override *ov, size_t nov, const char *env_file,
-    char **used_file, char *err, size_t errlen)
+resolve_all(struct resolved *r, const struct config_override *ov, size_t nov, const char *env_file, char **used_file,
+            char *err, size_t errlen)
 {
 	struct filevals fv;
 	memset(&fv, 0, sizeof fv);
@@ -422,9 +421,9 @@ convert(struct spark_config *cfg, const struct vdef *d, const struct resolved *r
 		long kib = parse_memory_kib(v);
 		if (kib < 0 || kib > (long)d->max) {
 			bad(err, errlen, d, r,
-			    d->off == OFF(log_max_bytes)
-				? "expected a size such as 10MB, 1G or a number of KiB"
-				: "expected KiB as a whole number (Celery's unit, 0 = no limit) or a size such as 200MB or 1G");
+			    d->off == OFF(log_max_bytes) ? "expected a size such as 10MB, 1G or a number of KiB"
+			                                 : "expected KiB as a whole number (Celery's unit, 0 = no "
+			                                   "limit) or a size such as 200MB or 1G");
 			return -1;
 		}
 		/* SPARK_LOG_MAX_BYTES is stored in bytes */
@@ -491,7 +490,8 @@ convert(struct spark_config *cfg, const struct vdef *d, const struct resolved *r
 			if (!ok || cfg->nqueues >= SPARK_MAX_QUEUES) {
 				free(copy);
 				bad(err, errlen, d, r,
-				    "expected up to 32 comma-separated queue names without spaces or control characters");
+				    "expected up to 32 comma-separated queue names without spaces or control "
+				    "characters");
 				return -1;
 			}
 			cfg->queues[cfg->nqueues++] = xstrdup(t);
@@ -559,7 +559,7 @@ default_log_dir(void)
 
 int
 config_load(struct spark_config *cfg, const struct config_override *ov, size_t nov, const char *env_file, char *err,
-    size_t errlen)
+            size_t errlen)
 {
 	memset(cfg, 0, sizeof *cfg);
 	struct resolved r[NVDEFS];
@@ -583,9 +583,9 @@ config_load(struct spark_config *cfg, const struct config_override *ov, size_t n
 			cfg->soft_time_limit = cfg->time_limit;
 		} else {
 			snprintf(err, errlen,
-			    "invalid CELERY_TASK_SOFT_TIME_LIMIT=%g: the soft limit must not exceed "
-			    "CELERY_TASK_TIME_LIMIT=%g (set it lower, or 0 for none)",
-			    cfg->soft_time_limit, cfg->time_limit);
+			         "invalid CELERY_TASK_SOFT_TIME_LIMIT=%g: the soft limit must not exceed "
+			         "CELERY_TASK_TIME_LIMIT=%g (set it lower, or 0 for none)",
+			         cfg->soft_time_limit, cfg->time_limit);
 			rc = -1;
 		}
 	}
@@ -604,8 +604,8 @@ config_load(struct spark_config *cfg, const struct config_override *ov, size_t n
 			if (slash == NULL)
 				cfg->pid_file = xstrdup("sparkd.pid");
 			else
-				cfg->pid_file = xasprintf("%.*s/sparkd.pid", (int)(slash - cfg->socket_path),
-				    cfg->socket_path);
+				cfg->pid_file =
+				    xasprintf("%.*s/sparkd.pid", (int)(slash - cfg->socket_path), cfg->socket_path);
 		}
 	}
 	for (size_t i = 0; i < NVDEFS; i++)

@@ -20,10 +20,10 @@ enum spark_pool {
 #define SPARK_MAX_QUEUES 32
 
 struct spark_config {
-	int workers;	 /* SPARK_WORKERS, --workers */
+	int workers;     /* SPARK_WORKERS, --workers */
 	int concurrency; /* CELERY_WORKER_CONCURRENCY, --concurrency (forced to 1 for solo) */
-	int pool;	 /* enum spark_pool */
-	int loglevel;	 /* SPARK_LOGLEVEL, --loglevel */
+	int pool;        /* enum spark_pool */
+	int loglevel;    /* SPARK_LOGLEVEL, --loglevel */
 
 	char *broker_url; /* as given (may hold a password: print only via url_redact) */
 	struct redis_url broker;
@@ -32,9 +32,9 @@ struct spark_config {
 	char *database_url; /* normalised for libpq, NULL when unset */
 
 	long max_tasks_per_child; /* 0 = never */
-	long max_memory_kib;	  /* 0 = none */
-	double time_limit;	  /* hard, seconds, 0 = none */
-	double soft_time_limit;	  /* seconds, 0 = none */
+	long max_memory_kib;      /* 0 = none */
+	double time_limit;        /* hard, seconds, 0 = none */
+	double soft_time_limit;   /* seconds, 0 = none */
 
 	int max_retries;
 	bool retry_backoff;
@@ -50,9 +50,9 @@ struct spark_config {
 	char *encryption_key; /* AUTOMAGIK_SPARK_ENCRYPTION_KEY, NULL when unset */
 	double http_timeout;  /* AUTOMAGIK_SPARK_HTTP_TIMEOUT */
 	double visibility_timeout;
-	long log_lines;	    /* sparkd's in-memory ring */
+	long log_lines;     /* sparkd's in-memory ring */
 	long log_max_bytes; /* rotate the log file at this size */
-	int log_keep;	    /* rotated files kept */
+	int log_keep;       /* rotated files kept */
 	double start_timeout;
 	double heartbeat_interval; /* SPARK_HEARTBEAT_INTERVAL: workers table heartbeat, seconds */
 
@@ -62,8 +62,8 @@ struct spark_config {
 
 /* A value given on the command line, for the variable it sets. */
 struct config_override {
-	const char *var;   /* e.g. "SPARK_WORKERS" */
-	const char *flag;  /* e.g. "--workers", for messages */
+	const char *var;  /* e.g. "SPARK_WORKERS" */
+	const char *flag; /* e.g. "--workers", for messages */
 	const char *value;
 };
 
@@ -72,8 +72,8 @@ struct config_override {
  * or "" to read no env file. On error returns -1 with one line in err naming the variable, the value and what is
  * accepted (passwords never included).
  */
-int config_load(struct spark_config *cfg, const struct config_override *ov, size_t nov, const char *env_file,
-    char *err, size_t errlen);
+int config_load(struct spark_config *cfg, const struct config_override *ov, size_t nov, const char *env_file, char *err,
+                size_t errlen);
 void config_free(struct spark_config *cfg);
 
 /* Resolve a single variable the same way (flag, env, env file, default) without validating the rest.

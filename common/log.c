@@ -138,7 +138,7 @@ log_vemit(int level, const char *fmt, va_list ap, const char *suffix)
 		off += (size_t)snprintf(line, sizeof line, "<%d>", log_level_syslog(level));
 	off += strftime(line + off, sizeof line - off, "[%Y-%m-%d %H:%M:%S", &tm);
 	off += (size_t)snprintf(line + off, sizeof line - off, ",%03d: %s/%s] ", (int)(tv.tv_usec / 1000),
-	    log_level_name(level), lg.tag);
+	                        log_level_name(level), lg.tag);
 	int n = vsnprintf(line + off, sizeof line - off, fmt, ap);
 	if (n < 0)
 		n = 0;
@@ -165,13 +165,13 @@ log_msg(int level, const char *fmt, ...)
 	va_end(ap);
 }
 
-#define LOG_FN(name, level)                          \
-	void name(const char *fmt, ...)              \
-	{                                            \
-		va_list ap;                          \
-		va_start(ap, fmt);                   \
-		log_vemit(level, fmt, ap, NULL);     \
-		va_end(ap);                          \
+#define LOG_FN(name, level)                                                                                            \
+	void name(const char *fmt, ...)                                                                                \
+	{                                                                                                              \
+		va_list ap;                                                                                            \
+		va_start(ap, fmt);                                                                                     \
+		log_vemit(level, fmt, ap, NULL);                                                                       \
+		va_end(ap);                                                                                            \
 	}
 LOG_FN(log_debug, SPARK_LOG_DEBUG)
 LOG_FN(log_info, SPARK_LOG_INFO)

@@ -28,7 +28,7 @@ bool log_get_journal(void);
 /* "debug" .. "critical" (also "warn", "fatal"; case-insensitive) -> level, or -1. */
 int log_level_parse(const char *s);
 const char *log_level_name(int level); /* "INFO" ... */
-int log_level_syslog(int level);	       /* syslog priority 7 .. 2 */
+int log_level_syslog(int level);       /* syslog priority 7 .. 2 */
 
 /* Parse the level out of a line in our format; -1 when the line has no recognisable prefix.
  * On success *msg_off is the offset of the message text. */

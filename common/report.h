@@ -20,7 +20,7 @@
 
 #include <stddef.h>
 
-#define SPARK_REPORT_FD 3
+#define SPARK_REPORT_FD  3
 #define SPARK_REPORT_MAX 1024
 
 enum report_kind {

@@ -184,7 +184,8 @@ redis_url_parse(const char *s, struct redis_url *u, char *err, size_t errlen)
 		return -1;
 	}
 	if (strncmp(s, "rediss://", 9) == 0) {
-		snprintf(err, errlen, "rediss:// (TLS) is not supported by this hiredis build; use redis:// or unix://");
+		snprintf(err, errlen,
+		         "rediss:// (TLS) is not supported by this hiredis build; use redis:// or unix://");
 		return -1;
 	}
 	int is_unix = strncmp(s, "unix://", 7) == 0 || strncmp(s, "redis+socket://", 15) == 0;
@@ -211,7 +212,8 @@ redis_url_parse(const char *s, struct redis_url *u, char *err, size_t errlen)
 		if (strncmp(rest, "localhost/", 10) == 0) /* file://localhost/path is the same file */
 			rest += 9, before_q -= 9;
 		if (before_q < 2 || rest[0] != '/') {
-			snprintf(err, errlen, "unix socket URL needs an absolute path: unix:///path/to/redis.sock?db=N");
+			snprintf(err, errlen,
+			         "unix socket URL needs an absolute path: unix:///path/to/redis.sock?db=N");
 			goto out;
 		}
 		if ((path = url_decode(rest, before_q)) == NULL) {
@@ -237,8 +239,9 @@ redis_url_parse(const char *s, struct redis_url *u, char *err, size_t errlen)
 		stray_at = at == NULL && strchr(rest + alen, '@') != NULL;
 		if (at != NULL && memchr(at + 1, '@', (size_t)(rest + alen - at - 1)) != NULL) {
 			/* an unencoded '@' in the password: where it ends is a guess, so refuse (%40 is the way) */
-			snprintf(err, errlen, "not a valid URL (more than one '@'; write '@' in a password as %%40); "
-			                      "expected " URL_FORMS);
+			snprintf(err, errlen,
+			         "not a valid URL (more than one '@'; write '@' in a password as %%40); "
+			         "expected " URL_FORMS);
 			goto out;
 		}
 		if (at != NULL && url_userinfo(rest, (size_t)(at - rest), u, err, errlen) < 0)
@@ -269,8 +272,9 @@ out:
 	free(path);
 	free(query);
 	if (rc < 0 && stray_at)
-		snprintf(err, errlen, "not a valid URL (write '/', '?' and '#' in a password as %%2F, %%3F, %%23); "
-		                      "expected " URL_FORMS);
+		snprintf(err, errlen,
+		         "not a valid URL (write '/', '?' and '#' in a password as %%2F, %%3F, %%23); "
+		         "expected " URL_FORMS);
 	if (rc < 0)
 		redis_url_free(u);
 	return rc;

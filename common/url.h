@@ -5,11 +5,11 @@
 #include <stddef.h>
 
 struct redis_url {
-	char *host;	/* NULL for a unix socket */
+	char *host; /* NULL for a unix socket */
 	int port;
-	char *path;	/* unix socket path, or NULL */
+	char *path; /* unix socket path, or NULL */
 	int db;
-	char *user;	/* may be NULL */
+	char *user;     /* may be NULL */
 	char *password; /* may be NULL; never print it */
 };
 

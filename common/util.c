@@ -88,6 +88,8 @@ xasprintf(const char *fmt, ...)
 size_t
 spark_strlcpy(char *dst, const char *src, size_t size)
 {
+	if (src == NULL)
+		src = "";
 	size_t n = strlen(src);
 	if (size > 0) {
 		size_t c = n < size - 1 ? n : size - 1;

@@ -58,28 +58,99 @@ scan_header(struct proto_scan *s, const unsigned char *h)
 		payload = true;
 	} else {
 		switch (b) {
-		case 0xc4: case 0xd9: n = h[1]; payload = true; break;
-		case 0xc5: case 0xda: n = be_uint(h + 1, 2); payload = true; break;
-		case 0xc6: case 0xdb: n = be_uint(h + 1, 4); payload = true; break;
-		case 0xc7: n = h[1] + 1ULL; payload = true; break;
-		case 0xc8: n = be_uint(h + 1, 2) + 1; payload = true; break;
-		case 0xc9: n = be_uint(h + 1, 4) + 1; payload = true; break;
-		case 0xca: n = 4; payload = true; break;
-		case 0xcb: n = 8; payload = true; break;
-		case 0xcc: case 0xd0: n = 1; payload = true; break;
-		case 0xcd: case 0xd1: n = 2; payload = true; break;
-		case 0xce: case 0xd2: n = 4; payload = true; break;
-		case 0xcf: case 0xd3: n = 8; payload = true; break;
-		case 0xd4: n = 2; payload = true; break;
-		case 0xd5: n = 3; payload = true; break;
-		case 0xd6: n = 5; payload = true; break;
-		case 0xd7: n = 9; payload = true; break;
-		case 0xd8: n = 17; payload = true; break;
-		case 0xdc: n = be_uint(h + 1, 2); container = true; break;
-		case 0xdd: n = be_uint(h + 1, 4); container = true; break;
-		case 0xde: n = 2 * be_uint(h + 1, 2); container = true; break;
-		case 0xdf: n = 2 * be_uint(h + 1, 4); container = true; break;
-		default: return PROTO_READ_BAD;
+		case 0xc4:
+		case 0xd9:
+			n = h[1];
+			payload = true;
+			break;
+		case 0xc5:
+		case 0xda:
+			n = be_uint(h + 1, 2);
+			payload = true;
+			break;
+		case 0xc6:
+		case 0xdb:
+			n = be_uint(h + 1, 4);
+			payload = true;
+			break;
+		case 0xc7:
+			n = h[1] + 1ULL;
+			payload = true;
+			break;
+		case 0xc8:
+			n = be_uint(h + 1, 2) + 1;
+			payload = true;
+			break;
+		case 0xc9:
+			n = be_uint(h + 1, 4) + 1;
+			payload = true;
+			break;
+		case 0xca:
+			n = 4;
+			payload = true;
+			break;
+		case 0xcb:
+			n = 8;
+			payload = true;
+			break;
+		case 0xcc:
+		case 0xd0:
+			n = 1;
+			payload = true;
+			break;
+		case 0xcd:
+		case 0xd1:
+			n = 2;
+			payload = true;
+			break;
+		case 0xce:
+		case 0xd2:
+			n = 4;
+			payload = true;
+			break;
+		case 0xcf:
+		case 0xd3:
+			n = 8;
+			payload = true;
+			break;
+		case 0xd4:
+			n = 2;
+			payload = true;
+			break;
+		case 0xd5:
+			n = 3;
+			payload = true;
+			break;
+		case 0xd6:
+			n = 5;
+			payload = true;
+			break;
+		case 0xd7:
+			n = 9;
+			payload = true;
+			break;
+		case 0xd8:
+			n = 17;
+			payload = true;
+			break;
+		case 0xdc:
+			n = be_uint(h + 1, 2);
+			container = true;
+			break;
+		case 0xdd:
+			n = be_uint(h + 1, 4);
+			container = true;
+			break;
+		case 0xde:
+			n = 2 * be_uint(h + 1, 2);
+			container = true;
+			break;
+		case 0xdf:
+			n = 2 * be_uint(h + 1, 4);
+			container = true;
+			break;
+		default:
+			return PROTO_READ_BAD;
 		}
 	}
 	/* every item takes at least one byte: more than fits is an oversized frame, refused now */
@@ -106,10 +177,24 @@ static unsigned
 scan_header_len(unsigned char b)
 {
 	switch (b) {
-	case 0xc4: case 0xc7: case 0xd9: return 2;
-	case 0xc5: case 0xc8: case 0xda: case 0xdc: case 0xde: return 3;
-	case 0xc6: case 0xc9: case 0xdb: case 0xdd: case 0xdf: return 5;
-	default: return 1;
+	case 0xc4:
+	case 0xc7:
+	case 0xd9:
+		return 2;
+	case 0xc5:
+	case 0xc8:
+	case 0xda:
+	case 0xdc:
+	case 0xde:
+		return 3;
+	case 0xc6:
+	case 0xc9:
+	case 0xdb:
+	case 0xdd:
+	case 0xdf:
+		return 5;
+	default:
+		return 1;
 	}
 }
 

@@ -17,31 +17,31 @@
 #include <stdint.h>
 
 #define SPARK_PROTOCOL_VERSION 1
-#define SPARK_FRAME_MAX (1024 * 1024)
+#define SPARK_FRAME_MAX        (1024 * 1024)
 
 /* message types */
-#define PROTO_REQUEST 0
+#define PROTO_REQUEST  0
 #define PROTO_RESPONSE 1
-#define PROTO_NOTIFY 2
+#define PROTO_NOTIFY   2
 
 /* methods, protocol 1 */
-#define PROTO_M_PING "ping"
+#define PROTO_M_PING   "ping"
 #define PROTO_M_STATUS "status"
-#define PROTO_M_LOGS "logs"
-#define PROTO_M_STOP "stop"
+#define PROTO_M_LOGS   "logs"
+#define PROTO_M_STOP   "stop"
 
 /* notifications, protocol 1 */
-#define PROTO_N_LOG "log"
+#define PROTO_N_LOG     "log"
 #define PROTO_N_DROPPED "dropped" /* also carried as {"dropped": N} in a "log" notification */
 
 /* error codes, protocol 1 */
-#define PROTO_E_UNKNOWN_METHOD "unknown_method"
-#define PROTO_E_BAD_REQUEST "bad_request"
-#define PROTO_E_BAD_PARAMS "bad_params"
+#define PROTO_E_UNKNOWN_METHOD  "unknown_method"
+#define PROTO_E_BAD_REQUEST     "bad_request"
+#define PROTO_E_BAD_PARAMS      "bad_params"
 #define PROTO_E_FRAME_TOO_LARGE "frame_too_large"
-#define PROTO_E_PERMISSION "permission_denied"
-#define PROTO_E_STOPPING "stopping"
-#define PROTO_E_INTERNAL "internal"
+#define PROTO_E_PERMISSION      "permission_denied"
+#define PROTO_E_STOPPING        "stopping"
+#define PROTO_E_INTERNAL        "internal"
 
 /*
  * Incremental frame reader over msgpack-c's streaming unpacker, with the 1 MiB cap.
@@ -52,9 +52,9 @@
  */
 #define PROTO_SCAN_DEPTH 32
 struct proto_scan {
-	size_t frame_bytes;		    /* bytes of the current frame seen so far */
-	uint64_t skip;			    /* payload bytes still to pass over */
-	unsigned char hdr[5];		    /* a header split across reads */
+	size_t frame_bytes;   /* bytes of the current frame seen so far */
+	uint64_t skip;        /* payload bytes still to pass over */
+	unsigned char hdr[5]; /* a header split across reads */
 	unsigned hdr_have, hdr_need;
 	uint64_t left[PROTO_SCAN_DEPTH]; /* items still expected per open container */
 	int depth;
@@ -72,7 +72,7 @@ int proto_scan_feed(struct proto_scan *s, const unsigned char *p, size_t len);
 enum proto_read {
 	PROTO_READ_NEED_MORE = 0,
 	PROTO_READ_FRAME = 1,
-	PROTO_READ_BAD = -1,	   /* not msgpack */
+	PROTO_READ_BAD = -1,       /* not msgpack */
 	PROTO_READ_TOO_LARGE = -2, /* a frame over SPARK_FRAME_MAX, complete or announced */
 };
 
@@ -122,7 +122,7 @@ void proto_pack_key(msgpack_packer *pk, const char *k);
 
 /* Start frames; the caller then packs the params map / result / payload. */
 void proto_pack_request_head(msgpack_packer *pk, uint32_t msgid, const char *method); /* then pack [map] */
-void proto_pack_response_head(msgpack_packer *pk, uint32_t msgid);		     /* then pack nil error + result */
+void proto_pack_response_head(msgpack_packer *pk, uint32_t msgid);                    /* then pack nil error + result */
 void proto_pack_error_response(msgpack_packer *pk, uint32_t msgid, const char *code, const char *message);
 void proto_pack_notify_head(msgpack_packer *pk, const char *method); /* then pack [payload] */
 

@@ -27,14 +27,15 @@
  */
 #define LUA_RECORD_FN                                                                                                  \
 	"local function record(m, now, qname, unacked, index)\n"                                                       \
-	"  local tag = string.match(m, '\"delivery_tag\"%s*:%s*\"([^\"\\\\]+)\"')\n"                                        \
+	"  local tag = string.match(m, '\"delivery_tag\"%s*:%s*\"([^\"\\\\]+)\"')\n"                                   \
 	"  local di = tag and string.match(m, '\"delivery_info\"%s*:%s*(%b{})')\n"                                     \
 	"  if di then\n"                                                                                               \
-	"    local ex = string.match(di, '\"exchange\"%s*:%s*\"([^\"\\\\]*)\"')\n"                                         \
-	"    local rk = string.match(di, '\"routing_key\"%s*:%s*\"([^\"\\\\]*)\"')\n"                                      \
+	"    local ex = string.match(di, '\"exchange\"%s*:%s*\"([^\"\\\\]*)\"')\n"                                     \
+	"    local rk = string.match(di, '\"routing_key\"%s*:%s*\"([^\"\\\\]*)\"')\n"                                  \
 	"    if ex and rk then\n"                                                                                      \
 	"      if rk == '' then rk = qname end\n"                                                                      \
-	"      redis.call('HSET', unacked, tag, '[' .. m .. ', ' .. cjson.encode(ex) .. ', ' .. cjson.encode(rk) .. ']')\n" \
+	"      redis.call('HSET', unacked, tag, '[' .. m .. ', ' .. cjson.encode(ex) .. ', ' .. cjson.encode(rk) .. "  \
+	"']')\n"                                                                                                       \
 	"      redis.call('ZADD', index, now, tag)\n"                                                                  \
 	"      return tag\n"                                                                                           \
 	"    end\n"                                                                                                    \
@@ -60,19 +61,19 @@
  * Celery (and we) write "status" first; a meta in another shape is decoded in full.
  */
 #define LUA_STORE_FN                                                                                                   \
-	"local function store(key, meta, ttl)\n"                                                                      \
-	"  local cur = redis.call('GET', key)\n"                                                                      \
-	"  if cur then\n"                                                                                             \
-	"    local st = string.match(cur, '^%s*{%s*\"status\"%s*:%s*\"(%u+)\"')\n"                                  \
-	"    if not st then\n"                                                                                        \
-	"      local ok, d = pcall(cjson.decode, cur)\n"                                                              \
-	"      if ok and type(d) == 'table' then st = d.status end\n"                                                 \
-	"    end\n"                                                                                                   \
-	"    if st == 'SUCCESS' then return 0 end\n"                                                                 \
-	"  end\n"                                                                                                     \
-	"  redis.call('SETEX', key, ttl, meta)\n"                                                                     \
-	"  redis.call('PUBLISH', key, meta)\n"                                                                        \
-	"  return 1\n"                                                                                                \
+	"local function store(key, meta, ttl)\n"                                                                       \
+	"  local cur = redis.call('GET', key)\n"                                                                       \
+	"  if cur then\n"                                                                                              \
+	"    local st = string.match(cur, '^%s*{%s*\"status\"%s*:%s*\"(%u+)\"')\n"                                     \
+	"    if not st then\n"                                                                                         \
+	"      local ok, d = pcall(cjson.decode, cur)\n"                                                               \
+	"      if ok and type(d) == 'table' then st = d.status end\n"                                                  \
+	"    end\n"                                                                                                    \
+	"    if st == 'SUCCESS' then return 0 end\n"                                                                   \
+	"  end\n"                                                                                                      \
+	"  redis.call('SETEX', key, ttl, meta)\n"                                                                      \
+	"  redis.call('PUBLISH', key, meta)\n"                                                                         \
+	"  return 1\n"                                                                                                 \
 	"end\n"
 
 static const char *const script_src[SCRIPT_COUNT] = {
@@ -826,8 +827,7 @@ broker_finish_plain(struct rconn *rc, const struct held *h, const char *task_id,
 }
 
 int
-broker_finish_plain_send(struct rconn *rc, const struct held *h, const char *task_id, const char *meta,
-                         int backend_db)
+broker_finish_plain_send(struct rconn *rc, const struct held *h, const char *task_id, const char *meta, int backend_db)
 {
 	struct worker *w = rc->w;
 	if (rc->c == NULL)

@@ -225,14 +225,15 @@ slot_run(struct slot *s, struct message *m, task_fn fn)
 	 * outcome is written on the same connection, so the order is kept and a round trip is saved */
 	bool started_pending = false;
 	if (store) {
-		char *meta = result_meta_text(m->task_id, "STARTED",
-		                              json_pack("{s:I, s:s}", "pid", (json_int_t)w->pid, "hostname", w->node),
-		                              NULL, m);
+		char *meta =
+		    result_meta_text(m->task_id, "STARTED",
+		                     json_pack("{s:I, s:s}", "pid", (json_int_t)w->pid, "hostname", w->node), NULL, m);
 		if (meta != NULL) {
 			if (rconn_ensure(&s->backend, &w->cold, -1) == 0)
-				started_pending = (m->redelivered ? result_store_send(&s->backend, m->task_id, meta)
-				                                  : result_store_plain_send(&s->backend, m->task_id, meta)) == 0 &&
-				                  rconn_flush(&s->backend) == 0;
+				started_pending =
+				    (m->redelivered ? result_store_send(&s->backend, m->task_id, meta)
+				                    : result_store_plain_send(&s->backend, m->task_id, meta)) == 0 &&
+				    rconn_flush(&s->backend) == 0;
 			free(meta);
 		}
 	}
@@ -318,8 +319,8 @@ slot_run(struct slot *s, struct message *m, task_fn fn)
 		log_info("Task %s[%s] succeeded in %.6fs: %s", m->task_name, m->task_id, runtime, brief);
 		free(brief);
 		if (store)
-			meta = result_meta_text(m->task_id, "SUCCESS", run.result ? json_incref(run.result) : NULL, NULL,
-			                        m);
+			meta = result_meta_text(m->task_id, "SUCCESS", run.result ? json_incref(run.result) : NULL,
+			                        NULL, m);
 	} else if (run.outcome == TASK_RETRY) {
 		outcome = "retry";
 		double countdown = run.retry_countdown > 0 ? run.retry_countdown : 0;
@@ -343,9 +344,9 @@ slot_run(struct slot *s, struct message *m, task_fn fn)
 			char tb[1200];
 			snprintf(tb, sizeof tb, "%s.%s: %s", run.exc_module, run.exc_type, run.exc_message);
 			if (store)
-				meta = result_meta_text(
-				    m->task_id, "RETRY",
-				    result_exception(run.exc_module, run.exc_type, run.exc_message), tb, m);
+				meta = result_meta_text(m->task_id, "RETRY",
+				                        result_exception(run.exc_module, run.exc_type, run.exc_message),
+				                        tb, m);
 		}
 	}
 	if (run.outcome == TASK_FAILURE) {

@@ -17,35 +17,35 @@
 
 enum task_outcome {
 	TASK_SUCCESS = 0, /* result holds the return value */
-	TASK_FAILURE,	  /* exc_* describe the error; not retried */
-	TASK_RETRY,	  /* a retryable error (connect error, timeout, 5xx); the engine decides whether retries remain */
-	TASK_DEFER,	  /* could not even record (database down): put the message back after a short delay,
-			     not counted as a retry and not acked until a later run records it */
+	TASK_FAILURE,     /* exc_* describe the error; not retried */
+	TASK_RETRY, /* a retryable error (connect error, timeout, 5xx); the engine decides whether retries remain */
+	TASK_DEFER, /* could not even record (database down): put the message back after a short delay,
+	               not counted as a retry and not acked until a later run records it */
 };
 
 /* Why the cancel flag was raised. */
 enum task_cancel {
 	TASK_CANCEL_NONE = 0,
 	TASK_CANCEL_SOFT_LIMIT, /* soft time limit reached: stop cleanly */
-	TASK_CANCEL_SHUTDOWN,	/* cold stop: stop now, the message goes back to the queue */
+	TASK_CANCEL_SHUTDOWN,   /* cold stop: stop now, the message goes back to the queue */
 	TASK_CANCEL_HARD_LIMIT, /* hard limit: the engine is about to record TimeLimitExceeded */
 };
 
 struct task_run {
 	/* ---- in (borrowed, valid during the call) ---- */
-	const char *task_id;   /* Celery task id */
+	const char *task_id; /* Celery task id */
 	const char *task_name;
-	json_t *args;	       /* JSON array */
-	json_t *kwargs;	       /* JSON object */
-	json_t *headers;       /* the message headers object */
-	int retries;	       /* headers.retries: 0 on the first run */
-	int max_retries;       /* CELERY_TASK_MAX_RETRIES */
-	bool last_attempt;     /* true when a TASK_RETRY outcome would not be retried (retries >= max_retries) */
+	json_t *args;           /* JSON array */
+	json_t *kwargs;         /* JSON object */
+	json_t *headers;        /* the message headers object */
+	int retries;            /* headers.retries: 0 on the first run */
+	int max_retries;        /* CELERY_TASK_MAX_RETRIES */
+	bool last_attempt;      /* true when a TASK_RETRY outcome would not be retried (retries >= max_retries) */
 	double retry_countdown; /* seconds until the retry, if this run ends TASK_RETRY and retries remain */
-	bool redelivered;      /* the message was put back after a crash or stop: the task may have run before */
+	bool redelivered;       /* the message was put back after a crash or stop: the task may have run before */
 	const struct spark_config *cfg;
-	int slot;	       /* slot number inside this process (0-based) */
-	const char *node;      /* worker node name, e.g. celery-1@host */
+	int slot;         /* slot number inside this process (0-based) */
+	const char *node; /* worker node name, e.g. celery-1@host */
 
 	/*
 	 * Raised (enum task_cancel) by the engine's timer or by a cold stop. Long tasks poll it
@@ -55,9 +55,9 @@ struct task_run {
 
 	/* ---- out ---- */
 	enum task_outcome outcome;
-	json_t *result;		/* TASK_SUCCESS: new reference, or NULL for null */
-	char exc_type[64];	/* e.g. "ValueError", "TimeoutError", "SoftTimeLimitExceeded" */
-	char exc_module[64];	/* e.g. "builtins", "celery.exceptions" */
+	json_t *result;         /* TASK_SUCCESS: new reference, or NULL for null */
+	char exc_type[64];      /* e.g. "ValueError", "TimeoutError", "SoftTimeLimitExceeded" */
+	char exc_module[64];    /* e.g. "builtins", "celery.exceptions" */
 	char exc_message[1024]; /* one line; never contains a secret */
 };
 
@@ -65,11 +65,11 @@ typedef void (*task_fn)(struct task_run *run);
 
 /* Set a failure (or retryable failure) on run in one call. */
 void task_fail(struct task_run *run, enum task_outcome outcome, const char *exc_module, const char *exc_type,
-    const char *fmt, ...) __attribute__((format(printf, 5, 6)));
+               const char *fmt, ...) __attribute__((format(printf, 5, 6)));
 
 /* Built-in tasks (tasks.c). */
-void task_noop(struct task_run *run);	/* spark.noop(x) -> x */
-void task_sleep(struct task_run *run);	/* spark.sleep(seconds) -> seconds; wakes on cancel */
+void task_noop(struct task_run *run);  /* spark.noop(x) -> x */
+void task_sleep(struct task_run *run); /* spark.sleep(seconds) -> seconds; wakes on cancel */
 
 /*
  * Workflow tasks (workflow.c). workflow_init runs once per process before any slot starts; when DATABASE_URL
@@ -83,7 +83,7 @@ void task_sleep(struct task_run *run);	/* spark.sleep(seconds) -> seconds; wakes
 int workflow_init(const struct spark_config *cfg, const char *node, int slots);
 void workflow_shutdown(void);
 void task_execute_workflow(struct task_run *run); /* automagik_spark.core.tasks.workflow_tasks.execute_workflow */
-void task_run_task(struct task_run *run);	  /* spark.run_task(task_row_id) */
+void task_run_task(struct task_run *run);         /* spark.run_task(task_row_id) */
 /* Apply the migrations and exit status (spark-worker --migrate; sparkctl db migrate). */
 int workflow_migrate(const struct spark_config *cfg);
 
@@ -98,9 +98,9 @@ int workflow_migrate(const struct spark_config *cfg);
 #define WORKFLOW_PLUGIN_FILE   "spark-workflow.so"
 
 struct workflow_plugin {
-	int abi;		/* WORKFLOW_PLUGIN_ABI */
-	size_t run_size;	/* sizeof(struct task_run) */
-	size_t config_size;	/* sizeof(struct spark_config) */
+	int abi;            /* WORKFLOW_PLUGIN_ABI */
+	size_t run_size;    /* sizeof(struct task_run) */
+	size_t config_size; /* sizeof(struct spark_config) */
 	/* the plugin has its own copy of log.c: give it the program's tag, level and journal mode */
 	void (*log_setup)(const char *tag, int level, bool journal);
 	int (*init)(const struct spark_config *cfg, const char *node, int slots);

@@ -130,8 +130,8 @@ struct rconn {
 	struct worker *w;
 	bool down; /* counted in w->down */
 	double backoff;
-	int pending; /* replies of commands sent without waiting, read before the next command */
-	bool queued_lost; /* the connection closed with commands queued: whether they ran is unknown */
+	int pending;                /* replies of commands sent without waiting, read before the next command */
+	bool queued_lost;           /* the connection closed with commands queued: whether they ran is unknown */
 	char sha[SCRIPT_COUNT][41]; /* EVALSHA names, from SCRIPT LOAD on each new connection */
 };
 
@@ -139,8 +139,8 @@ struct rconn {
 struct held {
 	char *raw;
 	size_t len;
-	char *tag;  /* delivery_tag, "" when the envelope had none */
-	char *qkey; /* the Redis key it came from: where it goes back */
+	char *tag;       /* delivery_tag, "" when the envelope had none */
+	char *qkey;      /* the Redis key it came from: where it goes back */
 	bool unrecorded; /* taken with a plain LMOVE: kombu's unacked records are still to be written */
 };
 
@@ -182,8 +182,7 @@ int broker_ack(struct rconn *rc, const struct held *h);
 int broker_finish(struct rconn *rc, const struct held *h, const char *task_id, const char *meta, int backend_db);
 /* The same as one MULTI/EXEC of plain commands, without the SUCCESS guard: for a first delivery, where the only
  * meta that can exist is this run's STARTED. meta NULL: the ack alone. 0 or -1 (connection). */
-int broker_finish_plain(struct rconn *rc, const struct held *h, const char *task_id, const char *meta,
-                        int backend_db);
+int broker_finish_plain(struct rconn *rc, const struct held *h, const char *task_id, const char *meta, int backend_db);
 /* Queue kombu's unacked records of a message taken by the plain LMOVE (no round trip of its own). */
 int broker_record_send(struct rconn *rc, struct held *h, const char *tag, const char *exchange,
                        const char *routing_key);

@@ -294,7 +294,8 @@ test_base64(void **state)
 	b64_refused("====");
 	b64_refused("Zm=v");
 	b64_refused("Zm 9v");
-	b64_refused("Zm9v\xc3\xa9" "A=");
+	b64_refused("Zm9v\xc3\xa9"
+	            "A=");
 	/* the length is what counts: an embedded NUL is an invalid character */
 	assert_null(message_b64_decode("Zm\0v", 4, &n));
 }
