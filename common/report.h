@@ -12,6 +12,7 @@
  *   queues <name>=<len> ...                                 lengths of the consumed queues (all priority steps
  *                                                           summed), sent every few seconds by one process
  *
+ * A datagram may carry several reports separated by newlines (a finish and the next start travel together).
  * Ids and task names never contain spaces (a task id with spaces is reported as "-").
  * Bump nothing: sparkd and spark-worker always ship together. Unknown reports are ignored by sparkd.
  */

@@ -175,18 +175,33 @@ str_trim(char *s)
 long
 proc_rss_kib(int pid)
 {
-	char path[64];
-	if (pid == 0)
-		snprintf(path, sizeof path, "/proc/self/statm");
-	else
+	/* a worker reads its own size after every task: keep /proc/self/statm open, one pread per reading */
+	static int self_fd = -1;
+	char path[64], buf[128];
+	int fd;
+	if (pid == 0) {
+		if (self_fd < 0) {
+			int nfd = open("/proc/self/statm", O_RDONLY | O_CLOEXEC);
+			if (nfd < 0)
+				return -1;
+			if (!__sync_bool_compare_and_swap(&self_fd, -1, nfd))
+				close(nfd);
+		}
+		fd = self_fd;
+	} else {
 		snprintf(path, sizeof path, "/proc/%d/statm", pid);
-	FILE *f = fopen(path, "re");
-	if (f == NULL)
+		fd = open(path, O_RDONLY | O_CLOEXEC);
+		if (fd < 0)
+			return -1;
+	}
+	ssize_t n = pread(fd, buf, sizeof buf - 1, 0);
+	if (pid != 0)
+		close(fd);
+	if (n <= 0)
 		return -1;
+	buf[n] = '\0';
 	long size, resident;
-	int n = fscanf(f, "%ld %ld", &size, &resident);
-	fclose(f);
-	if (n != 2)
+	if (sscanf(buf, "%ld %ld", &size, &resident) != 2)
 		return -1;
 	return resident * (sysconf(_SC_PAGESIZE) / 1024);
 }

@@ -422,13 +422,18 @@ proc_read_reports(struct sd_proc *p)
 			p->rep_fd = -1;
 			return;
 		}
-		struct report r;
-		if (report_parse(buf, (size_t)n, &r) < 0) {
-			log_warnx("%s: process %d sent a malformed report: %.*s", p->w->name, (int)p->pid,
-			          (int)(n > 120 ? 120 : n), buf);
-			continue;
+		/* one datagram may carry several reports, one per line */
+		for (const char *line = buf, *end = buf + n; line < end;) {
+			const char *nl = memchr(line, '\n', (size_t)(end - line));
+			size_t len = nl ? (size_t)(nl - line) : (size_t)(end - line);
+			struct report r;
+			if (len > 0 && report_parse(line, len, &r) < 0)
+				log_warnx("%s: process %d sent a malformed report: %.*s", p->w->name, (int)p->pid,
+				          (int)(len > 120 ? 120 : len), line);
+			else if (len > 0)
+				proc_report(p, &r);
+			line += len + 1;
 		}
-		proc_report(p, &r);
 	}
 }
 

@@ -152,19 +152,43 @@ slot_has_backend(const struct slot *s)
 	return s->w->cfg->result_backend != NULL;
 }
 
+/* Send the deferred finish report, if any, with the given report in the same datagram. */
 static void
-slot_finish_report(struct slot *s, const char *task_id, const char *outcome, bool counted)
+slot_report(struct slot *s, const char *line)
+{
+	if (s->deferred_report[0] != '\0' && line != NULL)
+		report_send("%s\n%s", s->deferred_report, line);
+	else if (s->deferred_report[0] != '\0')
+		report_send("%s", s->deferred_report);
+	else if (line != NULL)
+		report_send("%s", line);
+	s->deferred_report[0] = '\0';
+}
+
+static void
+slot_finish_report_as(struct slot *s, const char *task_id, const char *outcome, bool counted, bool defer)
 {
 	struct worker *w = s->w;
 	long processed = counted ? atomic_fetch_add(&w->processed, 1) + 1 : atomic_load(&w->processed);
 	long rss = proc_rss_kib(0);
-	report_send("finish %d %s %s %ld %ld", s->idx, word_or_dash(task_id), outcome, processed, rss);
+	char line[256];
+	snprintf(line, sizeof line, "finish %d %s %s %ld %ld", s->idx, word_or_dash(task_id), outcome, processed, rss);
+	if (defer && s->deferred_report[0] == '\0')
+		spark_strlcpy(s->deferred_report, line, sizeof s->deferred_report);
+	else
+		slot_report(s, line);
 	if (!counted)
 		return;
 	if (w->cfg->max_tasks_per_child > 0 && processed >= w->cfg->max_tasks_per_child)
 		engine_recycle(w, "max-tasks");
 	else if (w->cfg->max_memory_kib > 0 && rss > w->cfg->max_memory_kib)
 		engine_recycle(w, "max-memory");
+}
+
+static void
+slot_finish_report(struct slot *s, const char *task_id, const char *outcome, bool counted)
+{
+	slot_finish_report_as(s, task_id, outcome, counted, false);
 }
 
 /* A message that cannot run: FAILURE result when it has an id, then the dead-letter list. */
@@ -228,15 +252,19 @@ slot_run(struct slot *s, struct message *m, task_fn fn)
 		char *meta =
 		    result_meta_text(m->task_id, "STARTED",
 		                     json_pack("{s:I, s:s}", "pid", (json_int_t)w->pid, "hostname", w->node), NULL, m);
-		if (meta != NULL) {
+		if (meta != NULL && !m->redelivered && w->backend_on_broker) {
+			/* one write carries kombu's records and STARTED; the replies come with the next fetch */
+			(void)result_store_plain_send_in(&s->broker, m->task_id, meta, cfg->backend.db);
+		} else if (meta != NULL) {
 			if (rconn_ensure(&s->backend, &w->cold, -1) == 0)
 				started_pending =
 				    (m->redelivered ? result_store_send(&s->backend, m->task_id, meta)
 				                    : result_store_plain_send(&s->backend, m->task_id, meta)) == 0 &&
 				    rconn_flush(&s->backend) == 0;
-			free(meta);
 		}
+		free(meta);
 	}
+	(void)rconn_flush(&s->broker);
 
 	pthread_mutex_lock(&s->mu);
 	s->state = SLOT_RUNNING;
@@ -252,7 +280,10 @@ slot_run(struct slot *s, struct message *m, task_fn fn)
 	/* a cold stop that raced with the start must not be lost */
 	atomic_store(&s->cancel, atomic_load(&w->cold) ? TASK_CANCEL_SHUTDOWN : TASK_CANCEL_NONE);
 	pthread_mutex_unlock(&s->mu);
-	report_send("start %d %g %s %s", s->idx, hard, word_or_dash(m->task_id), word_or_dash(m->task_name));
+	char startline[512];
+	snprintf(startline, sizeof startline, "start %d %g %s %s", s->idx, hard, word_or_dash(m->task_id),
+	         word_or_dash(m->task_name));
+	slot_report(s, startline);
 
 	run.task_id = m->task_id;
 	run.task_name = m->task_name;
@@ -416,9 +447,10 @@ slot_handle(struct slot *s)
 	double now = now_wall();
 	task_fn fn = NULL;
 	int decoded = message_decode(h->raw, h->len, &m);
-	/* kombu's unacked records go out at once (Python sweepers see the message), their replies are read later */
-	if (h->unrecorded && broker_record_send(&s->broker, h, m.delivery_tag, m.exchange, m.routing_key) == 0)
-		(void)rconn_flush(&s->broker);
+	/* kombu's unacked records are queued now and go out at once with the next write on the connection (the
+	 * STARTED meta, or the first command of any other outcome); their replies are read later */
+	if (h->unrecorded)
+		(void)broker_record_send(&s->broker, h, m.delivery_tag, m.exchange, m.routing_key);
 	if (decoded < 0) {
 		slot_reject(s, &m, "builtins", m.exc_type, m.reason, m.reason);
 		goto out;
@@ -463,12 +495,12 @@ out:
 
 /* The queued finish of the previous task: confirmed by the fetch (ok), else written again until it holds. */
 static void
-slot_fin_complete(struct slot *s, bool ok)
+slot_fin_complete(struct slot *s, bool ok, bool defer_report)
 {
 	struct finishing *f = &s->fin;
 	if (!ok)
 		UNTIL_DONE(s, &s->broker, broker_finish_plain(&s->broker, &f->h, f->task_id, f->meta, f->backend_db));
-	slot_finish_report(s, f->task_id, f->outcome, true);
+	slot_finish_report_as(s, f->task_id, f->outcome, true, defer_report);
 	goto out;
 abandoned:
 	log_warnx("Task [%s]: cold shutdown while recording; the message stays in Redis for recovery", f->task_id);
@@ -493,7 +525,8 @@ slot_main(void *arg)
 		int got = 0;
 		if (s->fin.active) {
 			got = broker_fetch_queued(&s->broker, &pending, &queued_ok);
-			slot_fin_complete(s, queued_ok);
+			/* with a next message in hand, the finish report travels with its start report */
+			slot_fin_complete(s, queued_ok, got == 1);
 		}
 		if (got == 0 && !atomic_load(&w->stop))
 			got = broker_fetch(&s->broker, &pending, &queued_ok);
@@ -506,6 +539,8 @@ slot_main(void *arg)
 		pthread_mutex_unlock(&s->mu);
 
 		slot_handle(s);
+		/* a message that did not start (ETA, rejected, put back) must not hold the previous finish back */
+		slot_report(s, NULL);
 
 		pthread_mutex_lock(&s->mu);
 		held_free(&s->held);
@@ -515,7 +550,8 @@ slot_main(void *arg)
 		pthread_mutex_unlock(&s->mu);
 	}
 	if (s->fin.active)
-		slot_fin_complete(s, broker_read_queued(&s->broker) == 0);
+		slot_fin_complete(s, broker_read_queued(&s->broker) == 0, false);
+	slot_report(s, NULL);
 	if (pending.raw != NULL)
 		log_warnx("A message taken while the broker connection failed stays in %s for recovery",
 		          w->landing_key);

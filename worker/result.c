@@ -99,6 +99,26 @@ result_store_plain_send(struct rconn *rc, const char *task_id, const char *text)
 }
 
 int
+result_store_plain_send_in(struct rconn *rc, const char *task_id, const char *text, int db)
+{
+	char sel[16], home[16];
+	snprintf(sel, sizeof sel, "%d", db);
+	snprintf(home, sizeof home, "%d", rc->url->db);
+	bool other = db != rc->url->db;
+	const char *a[] = {"SELECT", sel};
+	size_t al[] = {6, strlen(sel)};
+	const char *b[] = {"SELECT", home};
+	size_t bl[] = {6, strlen(home)};
+	if (other && rconn_send(rc, 2, a, al) < 0)
+		return -1;
+	if (result_store_plain_send(rc, task_id, text) < 0)
+		return -1;
+	if (other && rconn_send(rc, 2, b, bl) < 0)
+		return -1;
+	return 0;
+}
+
+int
 result_store_plain(struct rconn *rc, const char *task_id, const char *text)
 {
 	while (rc->pending > 0)

@@ -214,6 +214,8 @@ int result_store_send(struct rconn *rc, const char *task_id, const char *text);
  * but this run's own STARTED can be stored yet. _send queues them; the other waits for the replies. */
 int result_store_plain_send(struct rconn *rc, const char *task_id, const char *text);
 int result_store_plain(struct rconn *rc, const char *task_id, const char *text);
+/* The same on another connection to the backend's server, in database db (SELECTed there and back). */
+int result_store_plain_send_in(struct rconn *rc, const char *task_id, const char *text, int db);
 
 /* ---- engine.c ---- */
 
@@ -253,6 +255,7 @@ struct slot {
 	bool store_result; /* the running task's outcome goes to the result backend */
 	atomic_int cancel; /* enum task_cancel, seen by the task through task_run.cancel */
 	struct finishing fin;
+	char deferred_report[256]; /* a finish report that travels with the next start */
 };
 
 struct worker {

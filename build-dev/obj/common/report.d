@@ -1,0 +1,4 @@
+build-dev/obj/common/report.o: common/report.c common/report.h \
+ common/util.h
+common/report.h:
+common/util.h:

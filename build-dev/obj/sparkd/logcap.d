@@ -1,0 +1,10 @@
+build-dev/obj/sparkd/logcap.o: sparkd/logcap.c sparkd/sparkd.h \
+ common/config.h common/url.h common/log.h proto/proto.h common/report.h \
+ common/util.h
+sparkd/sparkd.h:
+common/config.h:
+common/url.h:
+common/log.h:
+proto/proto.h:
+common/report.h:
+common/util.h:

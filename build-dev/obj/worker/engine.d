@@ -1,0 +1,16 @@
+build-dev/obj/worker/engine.o: worker/engine.c common/log.h \
+ common/report.h common/util.h worker/worker.h \
+ /usr/include/hiredis/hiredis.h /usr/include/hiredis/read.h \
+ /usr/include/hiredis/sds.h /usr/include/hiredis/alloc.h common/config.h \
+ common/url.h worker/task.h
+common/log.h:
+common/report.h:
+common/util.h:
+worker/worker.h:
+/usr/include/hiredis/hiredis.h:
+/usr/include/hiredis/read.h:
+/usr/include/hiredis/sds.h:
+/usr/include/hiredis/alloc.h:
+common/config.h:
+common/url.h:
+worker/task.h:
