@@ -1,3 +1,0 @@
-build-dev/obj/common/url.o: common/url.c common/url.h common/util.h
-common/url.h:
-common/util.h:

@@ -1,6 +1,0 @@
-build-dev/pic/common/config.o: common/config.c common/config.h \
- common/url.h common/log.h common/util.h
-common/config.h:
-common/url.h:
-common/log.h:
-common/util.h:

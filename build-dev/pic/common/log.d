@@ -1,3 +1,0 @@
-build-dev/pic/common/log.o: common/log.c common/log.h common/util.h
-common/log.h:
-common/util.h:
