@@ -25,10 +25,10 @@ def test_max_tasks_per_child_recycles_and_counts_every_task(spark, celery):
     # 30 tasks at most 5 per process: at least 6 process lifetimes, so at least 4 recycles
     assert w["restarts"] >= 4, w
     assert "max-tasks" in last_reasons(sd, st), last_reasons(sd, st)
-    assert not first & {p["pid"] for p in w["processes"]}, "every original process must have been recycled"
+    # how the 30 tasks spread over the two slots is up to the queue, but a slot that ran 5 was replaced
+    gone = [pid for pid in first if not pid_alive(pid)]
+    assert gone and not set(gone) & {p["pid"] for p in w["processes"]}, (first, w["processes"])
     assert all(p["processed"] <= 5 for p in w["processes"]), w["processes"]
-    for pid in first:
-        assert not pid_alive(pid)
     out = sd.ctl("status")
     assert re.search(r"Tasks Processed:\s*30\b", out.out), out.out
     v = sd.ctl("status", "--verbose")
