@@ -387,12 +387,10 @@ rconn_drain(struct rconn *rc)
 	return 0;
 }
 
-redisReply *
-rconn_argv(struct rconn *rc, int argc, const char **argv, const size_t *lens)
+/* The reply of a synchronous command: NULL means the connection failed (and is dropped). */
+static redisReply *
+rconn_took(struct rconn *rc, redisReply *r)
 {
-	if (rc->c == NULL || rconn_drain(rc) < 0)
-		return NULL;
-	redisReply *r = redisCommandArgv(rc->c, argc, argv, lens);
 	if (r == NULL) {
 		rconn_drop(rc, rc->c->errstr[0] ? rc->c->errstr : "connection lost");
 		return NULL;
@@ -400,6 +398,14 @@ rconn_argv(struct rconn *rc, int argc, const char **argv, const size_t *lens)
 	if (r->type != REDIS_REPLY_ERROR)
 		rconn_mark_up(rc);
 	return r;
+}
+
+redisReply *
+rconn_argv(struct rconn *rc, int argc, const char **argv, const size_t *lens)
+{
+	if (rc->c == NULL || rconn_drain(rc) < 0)
+		return NULL;
+	return rconn_took(rc, redisCommandArgv(rc->c, argc, argv, lens));
 }
 
 redisReply *
@@ -411,32 +417,37 @@ rconn_command(struct rconn *rc, const char *fmt, ...)
 	va_start(ap, fmt);
 	redisReply *r = redisvCommand(rc->c, fmt, ap);
 	va_end(ap);
-	if (r == NULL) {
-		rconn_drop(rc, rc->c->errstr[0] ? rc->c->errstr : "connection lost");
-		return NULL;
+	return rconn_took(rc, r);
+}
+
+/* EVALSHA sha nkeys keys... args... (caller frees *av and *al) */
+static int
+eval_argv(struct rconn *rc, enum script_id id, int nkeys, int nargs, const char **argv, const size_t *lens, char nk[16],
+          const char ***av, size_t **al)
+{
+	int argc = 3 + nkeys + nargs;
+	*av = xcalloc((size_t)argc, sizeof **av);
+	*al = xcalloc((size_t)argc, sizeof **al);
+	snprintf(nk, 16, "%d", nkeys);
+	(*av)[0] = "EVALSHA";
+	(*av)[1] = rc->sha[id];
+	(*av)[2] = nk;
+	for (int i = 0; i < 3; i++)
+		(*al)[i] = strlen((*av)[i]);
+	for (int i = 0; i < nkeys + nargs; i++) {
+		(*av)[3 + i] = argv[i];
+		(*al)[3 + i] = lens ? lens[i] : strlen(argv[i]);
 	}
-	if (r->type != REDIS_REPLY_ERROR)
-		rconn_mark_up(rc);
-	return r;
+	return argc;
 }
 
 redisReply *
 rconn_eval(struct rconn *rc, enum script_id id, int nkeys, int nargs, const char **argv, const size_t *lens)
 {
-	int argc = 3 + nkeys + nargs;
-	const char **av = xcalloc((size_t)argc, sizeof *av);
-	size_t *al = xcalloc((size_t)argc, sizeof *al);
+	const char **av;
+	size_t *al;
 	char nk[16];
-	snprintf(nk, sizeof nk, "%d", nkeys);
-	av[0] = "EVALSHA";
-	av[1] = rc->sha[id];
-	av[2] = nk;
-	for (int i = 0; i < nkeys + nargs; i++) {
-		av[3 + i] = argv[i];
-		al[3 + i] = lens ? lens[i] : strlen(argv[i]);
-	}
-	for (int i = 0; i < 3; i++)
-		al[i] = strlen(av[i]);
+	int argc = eval_argv(rc, id, nkeys, nargs, argv, lens, nk, &av, &al);
 	redisReply *r = rconn_argv(rc, argc, av, al);
 	if (r != NULL && r->type == REDIS_REPLY_ERROR && strncmp(r->str, "NOSCRIPT", 8) == 0) {
 		freeReplyObject(r);
@@ -465,27 +476,13 @@ rconn_eval_send(struct rconn *rc, enum script_id id, int nkeys, int nargs, const
 {
 	if (rc->c == NULL)
 		return -1;
-	int argc = 3 + nkeys + nargs;
-	const char **av = xcalloc((size_t)argc, sizeof *av);
-	size_t *al = xcalloc((size_t)argc, sizeof *al);
+	const char **av;
+	size_t *al;
 	char nk[16];
-	snprintf(nk, sizeof nk, "%d", nkeys);
-	av[0] = "EVALSHA";
-	av[1] = rc->sha[id];
-	av[2] = nk;
-	for (int i = 0; i < 3; i++)
-		al[i] = strlen(av[i]);
-	for (int i = 0; i < nkeys + nargs; i++) {
-		av[3 + i] = argv[i];
-		al[3 + i] = lens ? lens[i] : strlen(argv[i]);
-	}
-	int rv = redisAppendCommandArgv(rc->c, argc, av, al) == REDIS_OK ? 0 : -1;
+	int argc = eval_argv(rc, id, nkeys, nargs, argv, lens, nk, &av, &al);
+	int rv = rconn_send(rc, argc, av, al);
 	free(av);
 	free(al);
-	if (rv < 0)
-		rconn_drop(rc, "cannot queue a command");
-	else
-		rc->pending++;
 	return rv;
 }
 
@@ -516,19 +513,28 @@ rconn_send(struct rconn *rc, int argc, const char **argv, const size_t *lens)
 	return 0;
 }
 
-int
-rconn_collect(struct rconn *rc)
+/* One reply of a command sent without waiting; NULL (connection dropped) when it cannot be read. */
+static redisReply *
+rconn_read_reply(struct rconn *rc)
 {
 	if (rc->c == NULL)
-		return -1;
+		return NULL;
 	if (rc->pending > 0)
 		rc->pending--;
 	void *reply = NULL;
 	if (redisGetReply(rc->c, &reply) != REDIS_OK || reply == NULL) {
 		rconn_drop(rc, rc->c->errstr[0] ? rc->c->errstr : "connection lost");
-		return -1;
+		return NULL;
 	}
-	redisReply *r = reply;
+	return reply;
+}
+
+int
+rconn_collect(struct rconn *rc)
+{
+	redisReply *r = rconn_read_reply(rc);
+	if (r == NULL)
+		return -1;
 	int rv = 0;
 	if (r->type == REDIS_REPLY_ERROR) {
 		char why[300];
@@ -596,22 +602,6 @@ broker_record(struct rconn *rc, struct held *h)
 	}
 	freeReplyObject(r);
 	return rv;
-}
-
-/* One reply of a command sent without waiting; NULL (connection dropped) when it cannot be read. */
-static redisReply *
-rconn_read_reply(struct rconn *rc)
-{
-	if (rc->c == NULL)
-		return NULL;
-	if (rc->pending > 0)
-		rc->pending--;
-	void *reply = NULL;
-	if (redisGetReply(rc->c, &reply) != REDIS_OK || reply == NULL) {
-		rconn_drop(rc, rc->c->errstr[0] ? rc->c->errstr : "connection lost");
-		return NULL;
-	}
-	return reply;
 }
 
 /* Read queued replies but the last `keep`; ok when the last of them is an array (EXEC carried out). */
