@@ -309,12 +309,10 @@ dump_compact(const json_t *j)
 	return s;
 }
 
-static void
-call_langflow(const struct source_request *req, struct source_result *res)
+/* POST a JSON body (stolen) to url with the source's headers; the parsed reply, or NULL with res filled. */
+static json_t *
+post_json(const struct source_request *req, char *url, json_t *b, const char *what, struct source_result *res)
 {
-	char *url = build_url(req->url, "/api/v1/run/", req->remote_id, "?stream=false");
-	json_t *b = json_pack("{s:s, s:s, s:s, s:{}}", "input_value", req->input ? req->input : "", "output_type",
-	                      "debug", "input_type", "chat", "tweaks");
 	if (!b)
 		fatalx("source: out of memory");
 	char *body = dump_compact(b);
@@ -330,9 +328,19 @@ call_langflow(const struct source_request *req, struct source_result *res)
 	free(body);
 	free(url);
 	if (res->status != SOURCE_OK)
-		return;
-	res->output = parse_reply(&r, "LangFlow", res);
+		return NULL;
+	json_t *reply = parse_reply(&r, what, res);
 	free(r.body);
+	return reply;
+}
+
+static void
+call_langflow(const struct source_request *req, struct source_result *res)
+{
+	char *url = build_url(req->url, "/api/v1/run/", req->remote_id, "?stream=false");
+	json_t *b = json_pack("{s:s, s:s, s:s, s:{}}", "input_value", req->input ? req->input : "", "output_type",
+	                      "debug", "input_type", "chat", "tweaks");
+	res->output = post_json(req, url, b, "LangFlow", res);
 }
 
 json_t *
@@ -358,24 +366,7 @@ call_agents(const struct source_request *req, struct source_result *res)
 	char *url = build_url(req->url, "/api/v1/agent/", req->remote_id, "/run");
 	json_t *b = json_pack("{s:s, s:n, s:s, s:s}", "message_content", req->input ? req->input : "", "session_name",
 	                      "session_origin", "automagik-spark", "user_id", AGENTS_USER_ID);
-	if (!b)
-		fatalx("source: out of memory");
-	char *body = dump_compact(b);
-	json_decref(b);
-	struct curl_slist *h = hdr_add(NULL, "accept: application/json");
-	h = hdr_add(h, "Content-Type: application/json");
-	h = hdr_add(h, "Expect:");
-	h = hdr_key(h, req->api_key);
-	struct http_reply r;
-	res->status = http_exchange(req, url, h, body, &r, res->error, sizeof(res->error));
-	res->http_status = r.status;
-	hdr_free(h);
-	free(body);
-	free(url);
-	if (res->status != SOURCE_OK)
-		return;
-	json_t *reply = parse_reply(&r, "automagik-agents", res);
-	free(r.body);
+	json_t *reply = post_json(req, url, b, "automagik-agents", res);
 	if (!reply)
 		return;
 	res->output = source_agents_output(reply);
