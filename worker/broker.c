@@ -720,7 +720,8 @@ broker_fetch(struct rconn *rc, struct held *h, bool *queued_ok)
 	freeReplyObject(r);
 
 	/* nothing waiting: block briefly on the first (highest priority) key; the Lua poll above serves the others */
-	r = rconn_command(rc, "BLMOVE %s %s RIGHT LEFT " FETCH_BLOCK_S, w->qkeys[0], w->landing_key);
+	r = rconn_command(rc, "BLMOVE %s %s RIGHT LEFT %s", w->qkeys[0], w->landing_key,
+	                  w->cfg->nqueues > 1 ? FETCH_BLOCK_MULTI_S : FETCH_BLOCK_S);
 	if (r == NULL)
 		return -1;
 	if (r->type == REDIS_REPLY_ERROR) {

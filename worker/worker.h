@@ -45,6 +45,8 @@
 #define ALIVE_TTL_S           30
 #define DEFER_DELAY_S         5.0
 #define FETCH_BLOCK_S         "0.2"
+/* several queues (automagik-spark consumes celery and direct): the others are polled more often */
+#define FETCH_BLOCK_MULTI_S "0.05"
 
 /* ---- message.c ---- */
 
