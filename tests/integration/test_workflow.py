@@ -541,7 +541,13 @@ def test_concurrent_slots_share_one_workers_row(db, workers, app, langflow):
     for s in scheds:
         (row,) = rows(db, s)
         assert row["status"] == "completed" and row["tries"] == 1
-    with db.conn.cursor() as cur:
-        cur.execute("SELECT count(*), max((stats->>'succeeded')::int) FROM workers WHERE pid = %s", (w.proc.pid,))
-        n, succeeded = cur.fetchone()
+    def row_stats():
+        with db.conn.cursor() as cur:
+            cur.execute("SELECT count(*), max((stats->>'succeeded')::int) FROM workers WHERE pid = %s",
+                        (w.proc.pid,))
+            n, succeeded = cur.fetchone()
+        return (n, succeeded) if succeeded == 6 else None
+
+    # the stats column is written by the heartbeat: wait for the beat after the last task
+    n, succeeded = harness.wait_for(row_stats, t(10), interval=0.1, what="stats.succeeded == 6 in the workers row")
     assert n == 1 and succeeded == 6
