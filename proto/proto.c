@@ -509,6 +509,13 @@ proto_pack_response_head(msgpack_packer *pk, uint32_t msgid)
 }
 
 void
+proto_pack_result_head(msgpack_packer *pk, uint32_t msgid)
+{
+	proto_pack_response_head(pk, msgid);
+	msgpack_pack_nil(pk);
+}
+
+void
 proto_pack_error_response(msgpack_packer *pk, uint32_t msgid, const char *code, const char *message)
 {
 	proto_pack_response_head(pk, msgid);

@@ -122,7 +122,9 @@ void proto_pack_key(msgpack_packer *pk, const char *k);
 
 /* Start frames; the caller then packs the params map / result / payload. */
 void proto_pack_request_head(msgpack_packer *pk, uint32_t msgid, const char *method); /* then pack [map] */
-void proto_pack_response_head(msgpack_packer *pk, uint32_t msgid);                    /* then pack nil error + result */
+void proto_pack_response_head(msgpack_packer *pk, uint32_t msgid);
+/* [1, msgid, nil, ...: the head of a successful response; the caller then packs the result. */
+void proto_pack_result_head(msgpack_packer *pk, uint32_t msgid); /* then pack nil error + result */
 void proto_pack_error_response(msgpack_packer *pk, uint32_t msgid, const char *code, const char *message);
 void proto_pack_notify_head(msgpack_packer *pk, const char *method); /* then pack [payload] */
 

@@ -207,8 +207,7 @@ m_ping(struct ctl_client *c, const struct proto_request *req)
 	msgpack_sbuffer_init(&sb);
 	msgpack_packer pk;
 	msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
-	proto_pack_response_head(&pk, req->msgid);
-	msgpack_pack_nil(&pk);
+	proto_pack_result_head(&pk, req->msgid);
 	msgpack_pack_map(&pk, 3);
 	proto_pack_kv_int(&pk, "protocol", SPARK_PROTOCOL_VERSION);
 	proto_pack_kv_str(&pk, "version", SPARK_VERSION);
@@ -383,14 +382,12 @@ m_status(struct ctl_client *c, const struct proto_request *req)
 	msgpack_sbuffer_init(&sb);
 	msgpack_packer pk;
 	msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
-	proto_pack_response_head(&pk, req->msgid);
-	msgpack_pack_nil(&pk);
+	proto_pack_result_head(&pk, req->msgid);
 	ctl_pack_status(c->sd, &pk, verbose, true);
 	if (sb.size > SPARK_FRAME_MAX) {
 		/* thousands of processes: the per-process detail does not fit in one frame */
 		msgpack_sbuffer_clear(&sb);
-		proto_pack_response_head(&pk, req->msgid);
-		msgpack_pack_nil(&pk);
+		proto_pack_result_head(&pk, req->msgid);
 		ctl_pack_status(c->sd, &pk, verbose, false);
 	}
 	client_send(c, &sb);
@@ -442,8 +439,7 @@ m_logs(struct ctl_client *c, const struct proto_request *req)
 	msgpack_sbuffer_init(&sb);
 	msgpack_packer pk;
 	msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
-	proto_pack_response_head(&pk, req->msgid);
-	msgpack_pack_nil(&pk);
+	proto_pack_result_head(&pk, req->msgid);
 	msgpack_pack_map(&pk, 1);
 	proto_pack_key(&pk, "lines");
 	msgpack_pack_array(&pk, n);
@@ -490,8 +486,7 @@ m_stop(struct ctl_client *c, const struct proto_request *req)
 	msgpack_sbuffer_init(&sb);
 	msgpack_packer pk;
 	msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
-	proto_pack_response_head(&pk, req->msgid);
-	msgpack_pack_nil(&pk);
+	proto_pack_result_head(&pk, req->msgid);
 	msgpack_pack_map(&pk, 1);
 	proto_pack_kv_bool(&pk, "stopping", true);
 	client_send(c, &sb);
