@@ -336,6 +336,7 @@ rconn_connect(struct rconn *rc, char *err, size_t errlen)
 		return -1;
 	}
 	rc->c = c;
+	rc->gen++;
 	return 0;
 fail:
 	if (r != NULL)
@@ -634,6 +635,20 @@ broker_read_queued(struct rconn *rc)
 	return rv;
 }
 
+/* A plain LMOVE's reply (freed here): 1 with the message held, not yet recorded in unacked; 0 for none. */
+static int
+held_take_lmove(struct held *h, const char *key, redisReply *r)
+{
+	int rv = 0;
+	if (r->type == REDIS_REPLY_STRING) {
+		held_set(h, key, r->str, r->len, "");
+		h->unrecorded = true;
+		rv = 1;
+	}
+	freeReplyObject(r);
+	return rv;
+}
+
 int
 broker_fetch_queued(struct rconn *rc, struct held *h, bool *queued_ok)
 {
@@ -655,14 +670,7 @@ broker_fetch_queued(struct rconn *rc, struct held *h, bool *queued_ok)
 			*queued_ok = false;
 			return -1;
 		}
-		if (fr->type == REDIS_REPLY_STRING) {
-			held_set(h, w->qkeys[0], fr->str, fr->len, "");
-			h->unrecorded = true;
-			freeReplyObject(fr);
-			return 1;
-		}
-		freeReplyObject(fr);
-		return 0;
+		return held_take_lmove(h, w->qkeys[0], fr);
 	}
 	if (rc->pending > 0 && read_queued_but(rc, 0) < 0)
 		*queued_ok = false;
@@ -690,13 +698,8 @@ broker_fetch(struct rconn *rc, struct held *h, bool *queued_ok)
 	redisReply *fr = rconn_command(rc, "LMOVE %s %s RIGHT LEFT", w->qkeys[0], w->proc_key);
 	if (fr == NULL)
 		return -1;
-	if (fr->type == REDIS_REPLY_STRING) {
-		held_set(h, w->qkeys[0], fr->str, fr->len, "");
-		h->unrecorded = true;
-		freeReplyObject(fr);
+	if (held_take_lmove(h, w->qkeys[0], fr) == 1)
 		return 1;
-	}
-	freeReplyObject(fr);
 	int nkeys = 3 + w->nqkeys, nargs = 1 + w->nqkeys;
 	const char **argv = xcalloc((size_t)(nkeys + nargs), sizeof *argv);
 	char now[64];
@@ -1046,9 +1049,10 @@ tag_of(json_t *env)
 	return t ? t : "";
 }
 
-/* Put back every message of one list of a dead process. Returns messages restored, or -1. */
+/* Put back every message of one list of a dead process, or of our own but those in keep (held by a slot).
+ * Returns messages restored, or -1. */
 static int
-recover_list(struct rconn *rc, const char *list, bool landing)
+recover_list_but(struct rconn *rc, const char *list, bool landing, const struct held *keep, int nkeep)
 {
 	struct worker *w = rc->w;
 	redisReply *r = rconn_command(rc, "LRANGE %s 0 -1", list);
@@ -1063,6 +1067,11 @@ recover_list(struct rconn *rc, const char *list, bool landing)
 	for (size_t i = 0; i < r->elements; i++) {
 		redisReply *e = r->element[i];
 		if (e->type != REDIS_REPLY_STRING)
+			continue;
+		bool kept = false;
+		for (int k = 0; k < nkeep && !kept; k++)
+			kept = keep[k].raw != NULL && keep[k].len == e->len && memcmp(keep[k].raw, e->str, e->len) == 0;
+		if (kept)
 			continue;
 		char *dest = route_of(w, e->str, e->len);
 		json_t *env = json_loadb(e->str, e->len, 0, NULL);
@@ -1089,6 +1098,27 @@ recover_list(struct rconn *rc, const char *list, bool landing)
 	}
 	freeReplyObject(r);
 	return rv < 0 ? -1 : restored;
+}
+
+static int
+recover_list(struct rconn *rc, const char *list, bool landing)
+{
+	return recover_list_but(rc, list, landing, NULL, 0);
+}
+
+int
+broker_reconcile(struct rconn *rc, const struct held *keep, int nkeep)
+{
+	struct worker *w = rc->w;
+	int a = recover_list_but(rc, w->proc_key, false, keep, nkeep);
+	if (a < 0)
+		return -1;
+	int b = recover_list_but(rc, w->landing_key, true, keep, nkeep);
+	if (b < 0)
+		return -1;
+	if (a + b > 0)
+		log_warnx("Put back %d message(s) taken by a fetch whose reply was lost with the connection", a + b);
+	return a + b;
 }
 
 static bool

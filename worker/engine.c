@@ -97,6 +97,7 @@ engine_init(struct worker *w, const struct spark_config *cfg, const char *node, 
 	if (cfg->result_backend != NULL)
 		rconn_init(&w->ctl_backend, w, &cfg->backend, "result backend");
 	w->backend_on_broker = cfg->result_backend != NULL && same_server(&cfg->broker, &cfg->backend);
+	pthread_rwlock_init(&w->fetch_lock, NULL);
 	w->slots = xcalloc((size_t)nslots, sizeof *w->slots);
 	for (int i = 0; i < nslots; i++) {
 		struct slot *s = &w->slots[i];
@@ -121,6 +122,7 @@ engine_free(struct worker *w)
 		pthread_mutex_destroy(&s->mu);
 	}
 	free(w->slots);
+	pthread_rwlock_destroy(&w->fetch_lock);
 	rconn_close(&w->ctl);
 	rconn_close(&w->ctl_backend);
 	for (int i = 0; i < w->nqkeys; i++) {
@@ -412,6 +414,7 @@ slot_run(struct slot *s, struct message *m, task_fn fn)
 	bool last = cfg->max_tasks_per_child > 0 && atomic_load(&w->processed) + 1 >= cfg->max_tasks_per_child;
 	if (!m->redelivered && !last &&
 	    broker_finish_plain_send(&s->broker, h, m->task_id, meta, fused ? cfg->backend.db : 0) == 0) {
+		pthread_mutex_lock(&s->mu); /* a reconciling slot reads held and fin */
 		s->fin.active = true;
 		s->fin.h = *h;
 		memset(h, 0, sizeof *h);
@@ -419,6 +422,7 @@ slot_run(struct slot *s, struct message *m, task_fn fn)
 		s->fin.meta = meta;
 		s->fin.backend_db = fused ? cfg->backend.db : 0;
 		s->fin.outcome = outcome;
+		pthread_mutex_unlock(&s->mu);
 		json_decref(run.result);
 		return;
 	}
@@ -505,10 +509,54 @@ slot_fin_complete(struct slot *s, bool ok, bool defer_report)
 abandoned:
 	log_warnx("Task [%s]: cold shutdown while recording; the message stays in Redis for recovery", f->task_id);
 out:
-	held_free(&f->h);
-	free(f->task_id);
-	free(f->meta);
+	pthread_mutex_lock(&s->mu);
+	struct finishing done = *f;
 	memset(f, 0, sizeof *f);
+	pthread_mutex_unlock(&s->mu);
+	held_free(&done.h);
+	free(done.task_id);
+	free(done.meta);
+}
+
+static void
+held_copy(struct held *dst, const struct held *src)
+{
+	dst->raw = xmalloc(src->len + 1);
+	memcpy(dst->raw, src->raw, src->len + 1);
+	dst->len = src->len;
+	dst->tag = NULL;
+	dst->qkey = NULL;
+}
+
+/*
+ * After this slot's broker connection was re-established: a fetch whose reply was lost with the old connection
+ * may have left a message in this process's lists that no slot knows of, and nobody else would ever put it back
+ * (the process is alive). With every fetch of the process paused, put back what no slot holds.
+ */
+static int
+slot_reconcile(struct slot *s, const struct held *pending)
+{
+	struct worker *w = s->w;
+	struct held *keep = xcalloc((size_t)(2 * w->nslots + 1), sizeof *keep);
+	int k = 0, rv;
+	pthread_rwlock_wrlock(&w->fetch_lock);
+	for (int i = 0; i < w->nslots; i++) {
+		struct slot *o = &w->slots[i];
+		pthread_mutex_lock(&o->mu);
+		if (o->held.raw != NULL)
+			held_copy(&keep[k++], &o->held);
+		if (o->fin.active && o->fin.h.raw != NULL)
+			held_copy(&keep[k++], &o->fin.h);
+		pthread_mutex_unlock(&o->mu);
+	}
+	if (pending->raw != NULL)
+		held_copy(&keep[k++], pending);
+	rv = broker_reconcile(&s->broker, keep, k);
+	pthread_rwlock_unlock(&w->fetch_lock);
+	for (int i = 0; i < k; i++)
+		free(keep[i].raw);
+	free(keep);
+	return rv;
 }
 
 static void *
@@ -518,9 +566,17 @@ slot_main(void *arg)
 	struct worker *w = s->w;
 	struct held pending;
 	memset(&pending, 0, sizeof pending);
+	unsigned seen_gen = 0;
 	while (!atomic_load(&w->stop)) {
 		if (rconn_ensure(&s->broker, &w->stop, -1) < 0)
 			break;
+		if (s->broker.gen != seen_gen) {
+			if (seen_gen != 0 && slot_reconcile(s, &pending) < 0)
+				continue;
+			seen_gen = s->broker.gen;
+		}
+		/* from the fetch command to the held record, a reconciling slot must wait */
+		pthread_rwlock_rdlock(&w->fetch_lock);
 		bool queued_ok = true;
 		int got = 0;
 		if (s->fin.active) {
@@ -530,13 +586,16 @@ slot_main(void *arg)
 		}
 		if (got == 0 && !atomic_load(&w->stop))
 			got = broker_fetch(&s->broker, &pending, &queued_ok);
+		if (got == 1) {
+			pthread_mutex_lock(&s->mu);
+			s->held = pending;
+			memset(&pending, 0, sizeof pending);
+			s->state = SLOT_HELD;
+			pthread_mutex_unlock(&s->mu);
+		}
+		pthread_rwlock_unlock(&w->fetch_lock);
 		if (got <= 0)
 			continue;
-		pthread_mutex_lock(&s->mu);
-		s->held = pending;
-		memset(&pending, 0, sizeof pending);
-		s->state = SLOT_HELD;
-		pthread_mutex_unlock(&s->mu);
 
 		slot_handle(s);
 		/* a message that did not start (ETA, rejected, put back) must not hold the previous finish back */

@@ -132,6 +132,7 @@ struct rconn {
 	struct worker *w;
 	bool down; /* counted in w->down */
 	double backoff;
+	unsigned gen;               /* counts successful connects: a change means replies may have been lost */
 	int pending;                /* replies of commands sent without waiting, read before the next command */
 	bool queued_lost;           /* the connection closed with commands queued: whether they ran is unknown */
 	char sha[SCRIPT_COUNT][41]; /* EVALSHA names, from SCRIPT LOAD on each new connection */
@@ -175,6 +176,9 @@ int broker_fetch(struct rconn *rc, struct held *h, bool *queued_ok);
 int broker_fetch_queued(struct rconn *rc, struct held *h, bool *queued_ok);
 /* Read the replies of queued commands: 0 when all were carried out, -1 otherwise. */
 int broker_read_queued(struct rconn *rc);
+/* After a reconnect: put back what this process's lists hold beyond keep[] (a fetch whose reply was lost left it
+ * there, unknown to every slot). Call with the fetch lock held for writing. Messages put back, or -1. */
+int broker_reconcile(struct rconn *rc, const struct held *keep, int nkeep);
 int broker_finish_plain_send(struct rconn *rc, const struct held *h, const char *task_id, const char *meta,
                              int backend_db);
 /* Each returns 0 when done, -1 when the connection failed (retry after rconn_ensure). */
@@ -284,6 +288,9 @@ struct worker {
 	pthread_t housekeeper;
 	bool hk_started;
 	bool backend_on_broker; /* result backend on the broker's server: result + ack in one call */
+	/* fetches hold it for reading from the command to the slot's held record; a slot that reconnected takes
+	 * it for writing to find messages a lost reply left in the process's lists */
+	pthread_rwlock_t fetch_lock;
 };
 
 int engine_init(struct worker *w, const struct spark_config *cfg, const char *node, int nslots);
