@@ -37,7 +37,7 @@ PL = $(shell $(PKG_CONFIG) --libs $(1) 2>/dev/null)
 # processes (libpq + libcurl + libcrypto: ~7 MiB), hence the workflow plugin below.
 PKGS_COMMON =
 PKGS_SPARKD = $(PKGS_COMMON) libevent msgpack
-PKGS_WORKER = $(PKGS_COMMON) hiredis jansson
+PKGS_WORKER = $(PKGS_COMMON) hiredis jansson libevent
 PKGS_WORKFLOW = libpq libcurl libcrypto jansson
 PKGS_CTL = $(PKGS_COMMON) msgpack jansson
 

@@ -45,7 +45,8 @@ struct vdef {
 
 static const struct vdef vdefs[] = {
     {"SPARK_WORKERS", NULL, "1", V_INT, 1, 256, OFF(workers)},
-    {"CELERY_WORKER_CONCURRENCY", NULL, "1", V_INT, 1, 256, OFF(concurrency)},
+    {"CELERY_WORKER_CONCURRENCY", NULL, "1", V_INT, 1, 4096, OFF(concurrency)},
+    {"CELERY_WORKER_PREFETCH_MULTIPLIER", NULL, "1", V_INT, 1, 1000, OFF(prefetch_multiplier)},
     {"CELERY_WORKER_POOL", NULL, "prefork", V_POOL, 0, 0, OFF(pool)},
     {"SPARK_LOGLEVEL", "CELERY_WORKER_LOGLEVEL", "info", V_LEVEL, 0, 0, OFF(loglevel)},
     {"CELERY_BROKER_URL", "AUTOMAGIK_SPARK_CELERY_BROKER_URL", "redis://localhost:6379/0", V_REDIS, 0, 0,
@@ -665,6 +666,7 @@ config_export(const struct spark_config *cfg)
 {
 	setenv_num("SPARK_WORKERS", cfg->workers);
 	setenv_num("CELERY_WORKER_CONCURRENCY", cfg->concurrency);
+	setenv_num("CELERY_WORKER_PREFETCH_MULTIPLIER", cfg->prefetch_multiplier);
 	setenv("CELERY_WORKER_POOL", pool_name(cfg->pool), 1);
 	setenv("SPARK_LOGLEVEL", log_level_name(cfg->loglevel), 1);
 	setenv("CELERY_BROKER_URL", cfg->broker_url, 1);

@@ -49,6 +49,7 @@ struct spark_config {
 	char *pid_file;
 	char *encryption_key; /* AUTOMAGIK_SPARK_ENCRYPTION_KEY, NULL when unset */
 	double http_timeout;  /* AUTOMAGIK_SPARK_HTTP_TIMEOUT */
+	int prefetch_multiplier; /* messages a process may hold: slots x this */
 	double visibility_timeout;
 	long log_lines;     /* sparkd's in-memory ring */
 	long log_max_bytes; /* rotate the log file at this size */

@@ -10,29 +10,115 @@
 
 #include "util.h"
 
+/* TEMPORARY (replaced by the escaping reporter): words as before. */
 void
-report_send(const char *fmt, ...)
+reporter_init(struct reporter *r, int fd)
 {
-	static int usable = -1;
-	if (usable == -1) {
-		int type;
-		socklen_t sl = sizeof type;
-		usable = getsockopt(SPARK_REPORT_FD, SOL_SOCKET, SO_TYPE, &type, &sl) == 0 && type == SOCK_SEQPACKET;
-	}
-	if (!usable)
-		return;
-	char buf[SPARK_REPORT_MAX];
+	memset(r, 0, sizeof *r);
+	r->fd = fd;
+	r->usable = -1;
+}
+
+void
+reporter_free(struct reporter *r)
+{
+	free(r->buf);
+	r->buf = NULL;
+}
+
+static const char *
+rword(const char *s)
+{
+	if (s == NULL || s[0] == '\0' || strpbrk(s, " \t\r\n") != NULL || strlen(s) > 120)
+		return "-";
+	return s;
+}
+
+static void __attribute__((format(printf, 2, 3)))
+radd(struct reporter *r, const char *fmt, ...)
+{
+	char line[1024];
 	va_list ap;
 	va_start(ap, fmt);
-	int n = vsnprintf(buf, sizeof buf, fmt, ap);
+	int n = vsnprintf(line, sizeof line, fmt, ap);
 	va_end(ap);
 	if (n < 0)
 		return;
-	if ((size_t)n >= sizeof buf)
-		n = sizeof buf - 1;
-	/* sparkd gone: nothing to report to; the worker keeps its own course */
-	while (send(SPARK_REPORT_FD, buf, (size_t)n, MSG_NOSIGNAL) < 0 && errno == EINTR)
-		;
+	if ((size_t)n >= sizeof line)
+		n = sizeof line - 1;
+	if (r->len + (size_t)n + 1 > SPARK_REPORT_MAX)
+		report_flush(r);
+	if (r->len + (size_t)n + 2 > r->cap) {
+		r->cap = r->cap ? r->cap * 2 : 4096;
+		r->buf = xrealloc(r->buf, r->cap);
+	}
+	if (r->len > 0)
+		r->buf[r->len++] = '\n';
+	memcpy(r->buf + r->len, line, (size_t)n);
+	r->len += (size_t)n;
+}
+
+void
+report_flush(struct reporter *r)
+{
+	if (r->len == 0)
+		return;
+	if (r->usable == -1) {
+		int type;
+		socklen_t sl = sizeof type;
+		r->usable = getsockopt(r->fd, SOL_SOCKET, SO_TYPE, &type, &sl) == 0 && type == SOCK_SEQPACKET;
+	}
+	if (r->usable)
+		while (send(r->fd, r->buf, r->len, MSG_NOSIGNAL) < 0 && errno == EINTR)
+			;
+	r->len = 0;
+}
+
+void
+report_ready(struct reporter *r, int slots)
+{
+	radd(r, "ready %d", slots);
+}
+void
+report_start(struct reporter *r, int slot, double hard, const char *id, const char *name)
+{
+	radd(r, "start %d %g %s %s", slot, hard, rword(id), rword(name));
+}
+void
+report_finish(struct reporter *r, int slot, const char *id, const char *outcome, long processed, long rss)
+{
+	radd(r, "finish %d %s %s %ld %ld", slot, rword(id), outcome, processed, rss);
+}
+void
+report_progress(struct reporter *r, long processed, long rss)
+{
+	radd(r, "finish -1 - progress %ld %ld", processed, rss);
+}
+void
+report_recycle(struct reporter *r, const char *reason)
+{
+	radd(r, "recycle %s", reason);
+}
+void
+report_draining(struct reporter *r)
+{
+	radd(r, "draining");
+}
+void
+report_problem(struct reporter *r, const char *text)
+{
+	radd(r, "problem %s", text ? text : "");
+}
+void
+report_queues(struct reporter *r, int n, const char *const *names, const long long *lens)
+{
+	char line[900] = "queues";
+	for (int i = 0; i < n; i++) {
+		size_t l = strlen(line);
+		if (strpbrk(names[i], " \t\r\n=") == NULL && strlen(names[i]) < 64)
+			snprintf(line + l, sizeof line - l, " %s=%lld", names[i], lens[i]);
+	}
+	radd(r, "%s", line);
 }
 
 static int

@@ -22,7 +22,7 @@
 #include <stddef.h>
 
 #define SPARK_REPORT_FD  3
-#define SPARK_REPORT_MAX 1024
+#define SPARK_REPORT_MAX 65536
 
 enum report_kind {
 	REPORT_UNKNOWN = 0,
@@ -54,8 +54,24 @@ struct report {
 	long queue_len[REPORT_MAX_QUEUES];
 };
 
-/* Send one report; silently does nothing when fd 3 is not a socket (spark-worker run by hand). */
-void report_send(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+struct reporter {
+	int fd;
+	int usable; /* -1 = not checked yet */
+	char *buf;
+	size_t len, cap;
+};
+void reporter_init(struct reporter *r, int fd);
+void reporter_free(struct reporter *r);
+void report_ready(struct reporter *r, int slots);
+void report_start(struct reporter *r, int slot, double hard_limit, const char *task_id, const char *task_name);
+void report_finish(struct reporter *r, int slot, const char *task_id, const char *outcome, long processed,
+                   long rss_kib);
+void report_progress(struct reporter *r, long processed, long rss_kib);
+void report_recycle(struct reporter *r, const char *reason);
+void report_draining(struct reporter *r);
+void report_problem(struct reporter *r, const char *text);
+void report_queues(struct reporter *r, int n, const char *const *names, const long long *lens);
+void report_flush(struct reporter *r);
 /* Parse one datagram (not NUL-terminated). Returns 0, or -1 for a malformed report. */
 int report_parse(const char *buf, size_t len, struct report *r);
 

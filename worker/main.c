@@ -46,8 +46,8 @@ main(int argc, char **argv)
 			name = optarg;
 			break;
 		case 's':
-			if (parse_long(optarg, &slots) < 0 || slots < 1 || slots > 256) {
-				fprintf(stderr, "spark-worker: --slots %s: expected a number from 1 to 256\n", optarg);
+			if (parse_long(optarg, &slots) < 0 || slots < 1 || slots > 4096) {
+				fprintf(stderr, "spark-worker: --slots %s: expected a number from 1 to 4096\n", optarg);
 				return 2;
 			}
 			break;

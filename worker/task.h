@@ -40,6 +40,8 @@ struct task_run {
 	json_t *headers; /* the message headers object; ditto */
 	const char *arg0_json; /* raw JSON of args[0] (NULL when args is empty): for copy-through tasks */
 	size_t arg0_len;
+	const char *kwargs_json; /* raw JSON of kwargs */
+	size_t kwargs_len;
 	int retries;            /* headers.retries: 0 on the first run */
 	int max_retries;        /* CELERY_TASK_MAX_RETRIES */
 	bool last_attempt;      /* true when a TASK_RETRY outcome would not be retried (retries >= max_retries) */

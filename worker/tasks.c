@@ -4,27 +4,33 @@
 #include <string.h>
 #include <time.h>
 
+#include <event2/event.h>
+#include <stdlib.h>
+
 #include "task.h"
 #include "util.h"
 
 static const struct {
 	const char *name;
 	task_fn fn;
+	bool needs_dom; /* reads run->args/kwargs/headers (the others take raw JSON spans) */
 } task_registry[] = {
-    {"spark.noop", task_noop},
-    {"spark.sleep", task_sleep},
-    {"automagik_spark.core.tasks.workflow_tasks.execute_workflow", task_execute_workflow},
-    {"spark.run_task", task_run_task},
+    {"spark.noop", task_noop, false},
+    {"spark.sleep", task_sleep, true},
+    {"automagik_spark.core.tasks.workflow_tasks.execute_workflow", task_execute_workflow, true},
+    {"spark.run_task", task_run_task, true},
 };
 
 task_fn
-task_lookup(const char *name)
+task_lookup(const char *name, bool *needs_dom)
 {
 	if (name == NULL)
 		return NULL;
 	for (size_t i = 0; i < sizeof task_registry / sizeof task_registry[0]; i++)
-		if (strcmp(task_registry[i].name, name) == 0)
+		if (strcmp(task_registry[i].name, name) == 0) {
+			*needs_dom = task_registry[i].needs_dom;
 			return task_registry[i].fn;
+		}
 	return NULL;
 }
 
@@ -60,14 +66,66 @@ task_arg(struct task_run *run, const char *name)
 void
 task_noop(struct task_run *run)
 {
-	json_t *x = task_arg(run, "x");
+	/* the common case copies args[0]'s JSON through untouched: no DOM, no re-encoding */
+	if (run->arg0_json != NULL) {
+		run->outcome = TASK_SUCCESS;
+		run->result_json = run->arg0_json;
+		run->result_len = run->arg0_len;
+		run->done(run);
+		return;
+	}
+	json_t *kw = run->kwargs;
+	json_t *kwargs_only = NULL;
+	if (kw == NULL && run->kwargs_json != NULL)
+		kw = kwargs_only = json_loadb(run->kwargs_json, run->kwargs_len, 0, NULL);
+	json_t *x = json_object_get(kw, "x");
 	if (x == NULL) {
 		task_fail(run, TASK_FAILURE, "builtins", "TypeError",
 		          "noop() missing 1 required positional argument: 'x'");
-		return;
+	} else {
+		run->outcome = TASK_SUCCESS;
+		run->result = json_incref(x);
 	}
+	json_decref(kwargs_only);
+	run->done(run);
+}
+
+/* spark.sleep waits on a timer of the loop; a cancel ends it at once. */
+struct sleep_state {
+	struct event *ev;
+	json_t *seconds;
+};
+
+static void
+sleep_end(struct task_run *run)
+{
+	struct sleep_state *st = run->task;
+	run->task = NULL;
+	run->on_cancel = NULL;
+	event_free(st->ev);
+	free(st);
+	run->done(run);
+}
+
+static void
+sleep_timer_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct task_run *run = arg;
+	struct sleep_state *st = run->task;
 	run->outcome = TASK_SUCCESS;
-	run->result = json_incref(x);
+	run->result = json_incref(st->seconds);
+	sleep_end(run);
+}
+
+static void
+sleep_cancel(struct task_run *run)
+{
+	int c = atomic_load(run->cancel);
+	if (c == TASK_CANCEL_SOFT_LIMIT)
+		task_fail(run, TASK_FAILURE, "celery.exceptions", "SoftTimeLimitExceeded", "soft time limit exceeded");
+	else
+		task_fail(run, TASK_FAILURE, "celery.exceptions", "WorkerLostError", "sleep interrupted");
+	sleep_end(run);
 }
 
 void
@@ -77,36 +135,30 @@ task_sleep(struct task_run *run)
 	if (s == NULL) {
 		task_fail(run, TASK_FAILURE, "builtins", "TypeError",
 		          "sleep() missing 1 required positional argument: 'seconds'");
+		run->done(run);
 		return;
 	}
 	if (!json_is_number(s)) {
 		task_fail(run, TASK_FAILURE, "builtins", "TypeError", "sleep() seconds must be a number");
+		run->done(run);
 		return;
 	}
 	double secs = json_number_value(s);
 	if (!(secs >= 0) || secs > 7 * 86400.0) {
 		task_fail(run, TASK_FAILURE, "builtins", "ValueError", "sleep() seconds must be between 0 and 604800");
+		run->done(run);
 		return;
 	}
-	double end = now_mono() + secs;
-	for (;;) {
-		int c = run->cancel ? atomic_load(run->cancel) : TASK_CANCEL_NONE;
-		if (c == TASK_CANCEL_SOFT_LIMIT) {
-			task_fail(run, TASK_FAILURE, "celery.exceptions", "SoftTimeLimitExceeded",
-			          "soft time limit exceeded");
-			return;
-		}
-		if (c != TASK_CANCEL_NONE) {
-			task_fail(run, TASK_FAILURE, "celery.exceptions", "WorkerLostError", "sleep interrupted");
-			return;
-		}
-		double left = end - now_mono();
-		if (left <= 0)
-			break;
-		double step = left < 0.1 ? left : 0.1;
-		struct timespec ts = {(time_t)step, (long)((step - (double)(time_t)step) * 1e9)};
-		nanosleep(&ts, NULL);
+	if (atomic_load(run->cancel) != TASK_CANCEL_NONE) {
+		task_fail(run, TASK_FAILURE, "celery.exceptions", "WorkerLostError", "sleep interrupted");
+		run->done(run);
+		return;
 	}
-	run->outcome = TASK_SUCCESS;
-	run->result = json_incref(s);
+	struct sleep_state *st = xcalloc(1, sizeof *st);
+	st->seconds = s; /* borrowed from the message, which outlives the task */
+	st->ev = evtimer_new(run->base, sleep_timer_cb, run);
+	run->task = st;
+	run->on_cancel = sleep_cancel;
+	struct timeval tv = {(time_t)secs, (suseconds_t)((secs - (double)(time_t)secs) * 1e6)};
+	evtimer_add(st->ev, &tv);
 }

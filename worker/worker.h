@@ -195,6 +195,7 @@ struct rpipe {
 	int inflight;                  /* replies outstanding */
 	double last_progress;          /* monotonic: last reply, or when inflight went from 0 to 1 */
 	char sha[SCRIPT_COUNT][41];
+	struct rcall *free_calls; /* spare command records */
 	/* called once ready after each (re)connect, and when the connection is lost */
 	void (*on_up)(struct rpipe *p);
 	void (*on_down)(struct rpipe *p);
@@ -263,8 +264,14 @@ struct job {
 	char *out_env;              /* OUT_RETRY: the retry envelope; OUT_REQUEUE: the marked one */
 	double out_at;              /* OUT_RETRY, OUT_PARK: the ETA score */
 	char *out_reason;           /* OUT_DEADLETTER */
-	int out_pending;            /* writes outstanding for this job */
-	bool out_lost;              /* a reply was lost: write again once reconnected */
+	int out_phase;              /* outcome.c's phase being written */
+	int out_pending;            /* replies outstanding for the phase */
+	bool out_exec;              /* the phase ends with EXEC */
+	bool out_lost;              /* a reply was lost: write the phase again once reconnected */
+	bool out_confirmed;         /* every phase confirmed */
+	bool task_ended;            /* an abandoned job's task has called done */
+	int record_pending;         /* replies of kombu's records outstanding */
+	int slot_reported;          /* the slot in its start report */
 };
 TAILQ_HEAD(jobq, job);
 
@@ -285,7 +292,8 @@ struct worker {
 	struct rpipe notify;  /* invalidations of the queue keys: the idle wait */
 	struct rpipe backend; /* only when the result backend is another server */
 	bool backend_on_broker;
-	int down; /* connections currently down (for the "problem" report) */
+	int down;          /* connections currently down (for the "problem" report) */
+	char problem[400]; /* why the last one went down */
 
 	struct jobq jobs; /* every message this process holds */
 	int njobs;
@@ -295,6 +303,11 @@ struct worker {
 
 	/* fetch.c */
 	int fetching;       /* fetch commands outstanding */
+	int writing;        /* jobs in JOB_WRITING */
+	long long *probe_len; /* nqkeys: the last LLEN of each key */
+	bool batch_probe;   /* the batch in flight carries a probe */
+	bool batch_dry;     /* an LMOVE of the batch found its key empty */
+	double next_probe;  /* monotonic; 0 = probe with the next batch, alone */
 	bool fetch_idle;    /* the last fetch found nothing: wait for an invalidation */
 	bool tracking;      /* CLIENT TRACKING is on for the current broker and notify connections */
 	bool reconciling;   /* after a reconnect: no fetch until the processing list is reconciled */
@@ -313,6 +326,7 @@ struct worker {
 	int sigints;
 	long processed;
 	long rss_kib;
+	long rss_checked_at; /* processed when memory was last checked */
 	struct event *tick_ev; /* end of tick: flush reports, check memory */
 	struct event *sig_ev[4];
 	struct event *housekeeping_ev;
@@ -321,9 +335,12 @@ struct worker {
 	struct sbuf meta; /* reused meta buffer */
 	struct sbuf scratch;
 
-	/* sweep.c */
+	/* sweep*.c */
 	double next_due, next_refresh, next_recover, next_sweep, next_queues;
-	int sweeps; /* sweep chains outstanding */
+	bool due_running, refresh_running, queues_running, recover_running, unacked_running;
+	long long *qlen_acc; /* nqueues: lengths summed over priority keys */
+	struct dead_scan *dead_scan;
+	void (*startup_done)(struct worker *w, bool ok);
 };
 
 /* loop.c */
@@ -340,6 +357,7 @@ void fetch_kick(struct worker *w);          /* fetch for free capacity, if any *
 void fetch_on_broker_up(struct worker *w);  /* reconcile, tracking, then fetch */
 void fetch_on_broker_down(struct worker *w);
 void fetch_on_notify_up(struct worker *w);
+void fetch_on_notify_down(struct worker *w);
 void fetch_on_invalidate(struct worker *w, const char *key, size_t len);
 
 /* job.c */
@@ -348,6 +366,7 @@ struct job *job_new(struct worker *w, const char *qkey, const char *raw, size_t 
 void job_free(struct job *j);
 void job_dispatch(struct worker *w);  /* start reserved jobs in free slots */
 void job_cancel_all(struct worker *w, enum task_cancel why);
+void job_abandon_running(struct worker *w); /* cold stop, grace over: put back what still runs */
 void job_requeue_reserved(struct worker *w); /* warm stop: put back what has not started */
 
 /* outcome.c */
@@ -358,12 +377,36 @@ void outcome_started(struct job *j);
 /* kombu's unacked records for a job taken by a plain LMOVE (no round trip of its own). */
 void outcome_record(struct job *j);
 
-/* sweep.c */
+/* sweep.c: a chain of async commands whose replies are all needed before the next step */
+struct chain {
+	struct worker *w;
+	void (*done)(struct worker *w, bool ok);
+	int pending;
+	bool failed;
+	bool *running; /* the flag of the chain kind, cleared at the end */
+	int step;      /* callbacks of a multi-reply step count themselves here */
+};
+struct chain *chain_new(struct worker *w, void (*done)(struct worker *w, bool ok), bool *running);
+void chain_end(struct chain *c);
+bool chain_reply(struct chain *c, redisReply *r); /* true when it was the step's last reply */
+int chain_send(struct chain *c, rpipe_cb cb, int argc, const char **argv, const size_t *lens);
+int chain_eval(struct chain *c, rpipe_cb cb, enum script_id id, int nkeys, int nargs, const char **argv,
+               const size_t *lens);
+void chain_last_cb(struct rpipe *p, redisReply *r, void *arg);
+void chain_end_if_idle(struct chain *c);
+
 void sweep_register(struct worker *w, void (*done)(struct worker *w, bool ok));
 void sweep_startup(struct worker *w, void (*done)(struct worker *w, bool ok)); /* recover dead, restore unacked */
 void sweep_tick(struct worker *w); /* the periodic chains that are due */
 void sweep_unregister(struct worker *w, void (*done)(struct worker *w, bool ok));
 /* Reconcile the process's processing list with the jobs it holds: put back what no job holds. */
 void sweep_reconcile(struct worker *w, void (*done)(struct worker *w, bool ok));
+
+/* sweep-recover.c, sweep-unacked.c */
+struct dead_scan;
+int sweep_requeue_raw(struct chain *c, const char *list, bool landing, const char *raw, size_t len);
+void sweep_recover_dead(struct worker *w, void (*done)(struct worker *w, bool ok));
+void sweep_recover_member(struct worker *w, struct dead_scan *d);
+void sweep_restore_unacked(struct worker *w, void (*done)(struct worker *w, bool ok));
 
 #endif

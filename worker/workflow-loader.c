@@ -10,6 +10,10 @@
  * beside the executable (the build tree), else ../lib/spark/ from it (make install: sbin/ -> lib/spark/).
  */
 #include <dlfcn.h>
+#include <event2/event.h>
+#include <signal.h>
+#include <stdint.h>
+#include <sys/eventfd.h>
 #include <limits.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -165,20 +169,105 @@ wl_ready(struct task_run *run)
 	return p;
 }
 
+/*
+ * The bridge from the loop to the plugin's blocking calls: each workflow task runs on a thread of its own and
+ * its end comes back to the loop through an eventfd. (The plugin's libpq and libcurl calls block; the thread
+ * polls run->cancel as before. This bridge goes when the plugin runs on the loop itself.)
+ */
+struct wl_call {
+	struct task_run *run;
+	void (*fn)(struct task_run *run);
+	struct wl_call *next;
+};
+
+static struct {
+	pthread_mutex_t mu;
+	struct wl_call *ended; /* guarded by mu */
+	int efd;
+	struct event *ev;
+} wb = {.mu = PTHREAD_MUTEX_INITIALIZER, .efd = -1};
+
+static void
+wl_ended_cb(evutil_socket_t fd, short what, void *arg)
+{
+	uint64_t n;
+	while (read(wb.efd, &n, sizeof n) == (ssize_t)sizeof n)
+		;
+	pthread_mutex_lock(&wb.mu);
+	struct wl_call *list = wb.ended;
+	wb.ended = NULL;
+	pthread_mutex_unlock(&wb.mu);
+	while (list != NULL) {
+		struct wl_call *c = list;
+		list = c->next;
+		c->run->done(c->run);
+		free(c);
+	}
+}
+
+static void *
+wl_thread(void *arg)
+{
+	struct wl_call *c = arg;
+	sigset_t all;
+	sigfillset(&all);
+	pthread_sigmask(SIG_BLOCK, &all, NULL); /* signals are the loop's */
+	c->fn(c->run);
+	pthread_mutex_lock(&wb.mu);
+	c->next = wb.ended;
+	wb.ended = c;
+	pthread_mutex_unlock(&wb.mu);
+	uint64_t one = 1;
+	if (write(wb.efd, &one, sizeof one) < 0)
+		log_warnx("workflow bridge: cannot wake the loop");
+	return NULL;
+}
+
+static void
+wl_spawn(struct task_run *run, void (*fn)(struct task_run *run))
+{
+	if (wb.efd < 0) {
+		wb.efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+		if (wb.efd < 0)
+			fatal("workflow bridge: eventfd");
+		wb.ev = event_new(run->base, wb.efd, EV_READ | EV_PERSIST, wl_ended_cb, NULL);
+		event_add(wb.ev, NULL);
+	}
+	struct wl_call *c = xcalloc(1, sizeof *c);
+	c->run = run;
+	c->fn = fn;
+	pthread_attr_t attr;
+	pthread_attr_init(&attr);
+	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+	pthread_t t;
+	if (pthread_create(&t, &attr, wl_thread, c) != 0) {
+		free(c);
+		task_fail(run, TASK_DEFER, "builtins", "RuntimeError", "cannot start a thread for the workflow task");
+		run->done(run);
+	}
+	pthread_attr_destroy(&attr);
+}
+
 void
 task_execute_workflow(struct task_run *run)
 {
 	const struct workflow_plugin *p = wl_ready(run);
-	if (p != NULL)
-		p->execute_workflow(run);
+	if (p == NULL) {
+		run->done(run);
+		return;
+	}
+	wl_spawn(run, p->execute_workflow);
 }
 
 void
 task_run_task(struct task_run *run)
 {
 	const struct workflow_plugin *p = wl_ready(run);
-	if (p != NULL)
-		p->run_task(run);
+	if (p == NULL) {
+		run->done(run);
+		return;
+	}
+	wl_spawn(run, p->run_task);
 }
 
 int

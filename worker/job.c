@@ -1,0 +1,439 @@
+/*
+ * A held message from the fetch to its end: decode, the checks that end it without running (bad, unknown,
+ * expired, ETA, stopping), a slot, the time limits, and the task's completion, which decides the outcome
+ * outcome.c writes. Everything runs on the loop thread; a task ends by calling run->done.
+ */
+#include <event2/event.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+
+#include "log.h"
+#include "util.h"
+#include "worker.h"
+
+static double
+rand01(void)
+{
+	uint32_t v = 0;
+	if (getrandom(&v, sizeof v, 0) != (ssize_t)sizeof v)
+		v = (uint32_t)rand();
+	return (double)v / 4294967296.0;
+}
+
+void
+job_free(struct job *j)
+{
+	struct worker *w = j->w;
+	if (j->soft_ev != NULL)
+		event_free(j->soft_ev);
+	if (j->hard_ev != NULL)
+		event_free(j->hard_ev);
+	if (j->state == JOB_WRITING)
+		w->writing--;
+	TAILQ_REMOVE(&w->jobs, j, entry);
+	w->njobs--;
+	json_decref(j->run.result);
+	if (j->decoded)
+		message_free(&j->m);
+	free(j->raw);
+	free(j->tag);
+	free(j->out_meta);
+	free(j->out_env);
+	free(j->out_reason);
+	free(j);
+}
+
+/* The meta for j's outcome, in w->meta, copied out (NULL when results are not stored). */
+static char *
+job_meta(struct job *j, const char *status, const char *result_json, size_t result_len, const char *traceback)
+{
+	if (!j->store_result)
+		return NULL;
+	meta_build(&j->w->meta, j->m.task_id, status, result_json, result_len, traceback, &j->m);
+	return xstrndup(j->w->meta.p, j->w->meta.len);
+}
+
+static char *
+job_failure_meta(struct job *j, const char *status, const char *module, const char *type, const char *message)
+{
+	if (!j->store_result)
+		return NULL;
+	struct worker *w = j->w;
+	char tb[1200];
+	snprintf(tb, sizeof tb, "%s.%s: %s", module, type, message);
+	meta_exception(&w->scratch, module, type, message);
+	return job_meta(j, status, w->scratch.p, w->scratch.len, tb);
+}
+
+/* A message that cannot run: FAILURE result when it has an id, then the dead-letter list. */
+static void
+job_reject(struct job *j, const char *module, const char *type, const char *message, const char *reason)
+{
+	char *queue = message_queue_of_key(j->qkey);
+	log_errorx("Rejecting message from queue %s (task %s[%s]): %s; moved to " KEY_DEADLETTER, queue,
+	           j->m.task_name ? j->m.task_name : "?", j->m.task_id ? j->m.task_id : "?", reason);
+	free(queue);
+	if (j->m.task_id != NULL)
+		j->out_meta = job_failure_meta(j, "FAILURE", module, type, message);
+	j->out = OUT_DEADLETTER;
+	j->out_reason = xstrdup(reason);
+	j->report_outcome = NULL;
+	outcome_write(j);
+}
+
+struct job *
+job_new(struct worker *w, const char *qkey, const char *raw, size_t len, const char *tag, bool unrecorded)
+{
+	struct job *j = xcalloc(1, sizeof *j);
+	j->w = w;
+	j->raw = xmalloc(len + 1);
+	memcpy(j->raw, raw, len);
+	j->raw[len] = '\0';
+	j->len = len;
+	j->qkey = qkey;
+	j->slot = -1;
+	j->tag = xstrdup(tag ? tag : "");
+	TAILQ_INSERT_TAIL(&w->jobs, j, entry);
+	w->njobs++;
+
+	int decoded = message_decode(j->raw, j->len, &j->m);
+	j->decoded = true;
+	if (j->tag[0] == '\0' && j->m.delivery_tag != NULL && j->m.delivery_tag[0] != '\0') {
+		free(j->tag);
+		j->tag = xstrdup(j->m.delivery_tag);
+	}
+	j->unrecorded = unrecorded && j->tag[0] != '\0';
+	/* kombu's records go out now, ahead of whatever this job writes next */
+	if (j->unrecorded)
+		outcome_record(j);
+	j->store_result = w->cfg->result_backend != NULL && !j->m.ignore_result;
+	if (decoded < 0) {
+		job_reject(j, "builtins", j->m.exc_type, j->m.reason, j->m.reason);
+		return NULL;
+	}
+	bool needs_dom = false;
+	if ((j->fn = task_lookup(j->m.task_name, &needs_dom)) == NULL) {
+		char reason[600];
+		snprintf(reason, sizeof reason, "Received unregistered task of type '%.400s'", j->m.task_name);
+		job_reject(j, "celery.exceptions", "NotRegistered", j->m.task_name, reason);
+		return NULL;
+	}
+	if (needs_dom && message_dom(&j->m, j->raw, j->len) < 0) {
+		job_reject(j, "builtins", j->m.exc_type, j->m.reason, j->m.reason);
+		return NULL;
+	}
+	double now = now_wall();
+	if (j->m.expires > 0 && now >= j->m.expires) {
+		log_info("Discarding revoked task: %s[%s] (expired)", j->m.task_name, j->m.task_id);
+		j->out_meta = job_failure_meta(j, "REVOKED", "celery.exceptions", "TaskRevokedError", "expired");
+		j->out = OUT_RESULT;
+		j->report_outcome = NULL;
+		outcome_write(j);
+		return NULL;
+	}
+	if (j->m.eta > now) {
+		char iso[64];
+		message_format_iso(j->m.eta, true, iso, sizeof iso);
+		log_info("Task %s[%s] received: ETA %s, waiting in " KEY_ETA, j->m.task_name, j->m.task_id, iso);
+		j->out = OUT_PARK;
+		j->out_at = j->m.eta;
+		outcome_write(j);
+		return NULL;
+	}
+	if (w->stop) {
+		log_info("Task %s[%s] put back in the queue (worker stopping)", j->m.task_name, j->m.task_id);
+		j->out = OUT_REQUEUE;
+		outcome_write(j);
+		return NULL;
+	}
+	j->state = JOB_RESERVED;
+	return j;
+}
+
+/* ---- running ---- */
+
+static void
+job_soft_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct job *j = arg;
+	if (j->state != JOB_RUNNING)
+		return;
+	int expected = TASK_CANCEL_NONE;
+	if (!atomic_compare_exchange_strong(&j->run.cancel_flag, &expected, TASK_CANCEL_SOFT_LIMIT))
+		return;
+	double soft = j->m.soft_limit >= 0 ? j->m.soft_limit : j->w->cfg->soft_time_limit;
+	log_warnx("Soft time limit (%gs) exceeded for %s[%s]", soft, j->m.task_name, j->m.task_id);
+	if (j->run.on_cancel != NULL)
+		j->run.on_cancel(&j->run);
+}
+
+static void
+job_leave_slot(struct job *j)
+{
+	struct worker *w = j->w;
+	if (j->slot >= 0) {
+		w->slots[j->slot] = NULL;
+		w->running--;
+		j->slot = -1;
+	}
+	if (j->soft_ev != NULL)
+		evtimer_del(j->soft_ev);
+	if (j->hard_ev != NULL)
+		evtimer_del(j->hard_ev);
+}
+
+/* The task ignored its soft limit: record TimeLimitExceeded now; the task's own end is ignored. */
+static void
+job_hard_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct job *j = arg;
+	struct worker *w = j->w;
+	if (j->state != JOB_RUNNING)
+		return;
+	double hard = j->m.hard_limit >= 0 ? j->m.hard_limit : w->cfg->time_limit;
+	log_errorx("Hard time limit (%gs) exceeded for %s[%s]", hard, j->m.task_name, j->m.task_id);
+	atomic_store(&j->run.cancel_flag, TASK_CANCEL_HARD_LIMIT);
+	char msg[128];
+	snprintf(msg, sizeof msg, "hard time limit (%gs) exceeded", hard);
+	j->out_meta = job_failure_meta(j, "FAILURE", "celery.exceptions", "TimeLimitExceeded", msg);
+	j->out = OUT_RESULT;
+	j->report_outcome = "failure";
+	j->counted = true;
+	w->processed++;
+	job_leave_slot(j);
+	j->state = JOB_ABANDONED;
+	if (j->run.on_cancel != NULL)
+		j->run.on_cancel(&j->run);
+	else
+		/* a task off the loop (the blocking bridge) cannot be stopped: replace the process */
+		engine_recycle(w, "time-limit");
+	outcome_write(j);
+	engine_tick(w);
+}
+
+static void
+job_timer(struct job *j, struct event **ev, double s, event_callback_fn cb)
+{
+	if (s <= 0)
+		return;
+	if (*ev == NULL)
+		*ev = evtimer_new(j->w->base, cb, j);
+	struct timeval tv = {(time_t)s, (suseconds_t)((s - (double)(time_t)s) * 1e6)};
+	evtimer_add(*ev, &tv);
+}
+
+static void job_task_done(struct task_run *run);
+
+static void
+job_start(struct job *j, int slot)
+{
+	struct worker *w = j->w;
+	const struct spark_config *cfg = w->cfg;
+	struct message *m = &j->m;
+	double hard = m->hard_limit >= 0 ? m->hard_limit : cfg->time_limit;
+	double soft = m->soft_limit >= 0 ? m->soft_limit : cfg->soft_time_limit;
+	j->state = JOB_RUNNING;
+	j->slot = slot;
+	w->slots[slot] = j;
+	w->running++;
+	j->started_mono = now_mono();
+	log_info("Task %s[%s] received", m->task_name, m->task_id);
+	if (j->store_result)
+		outcome_started(j);
+	report_start(&w->rep, slot, hard, m->task_id, m->task_name);
+	j->started_report = true;
+	j->slot_reported = slot;
+	job_timer(j, &j->soft_ev, soft, job_soft_cb);
+	job_timer(j, &j->hard_ev, hard, job_hard_cb);
+
+	struct task_run *run = &j->run;
+	run->task_id = m->task_id;
+	run->task_name = m->task_name;
+	run->args = m->args;
+	run->kwargs = m->kwargs;
+	run->headers = m->headers;
+	run->arg0_json = m->arg0_json;
+	run->arg0_len = m->arg0_len;
+	run->kwargs_json = m->kwargs_json;
+	run->kwargs_len = m->kwargs_len;
+	run->retries = m->retries;
+	run->max_retries = cfg->max_retries;
+	run->last_attempt = m->retries >= cfg->max_retries;
+	run->retry_countdown = message_retry_countdown(cfg, m->retries, rand01());
+	run->redelivered = m->redelivered;
+	run->cfg = cfg;
+	run->slot = slot;
+	run->node = w->node;
+	run->base = w->base;
+	run->done = job_task_done;
+	run->engine = j;
+	atomic_store(&run->cancel_flag, w->cold ? TASK_CANCEL_SHUTDOWN : TASK_CANCEL_NONE);
+	run->cancel = &run->cancel_flag;
+	run->outcome = TASK_SUCCESS;
+	j->fn(run);
+}
+
+void
+job_dispatch(struct worker *w)
+{
+	if (w->running >= w->nslots)
+		return;
+	struct job *j, *next;
+	int slot = 0;
+	for (j = TAILQ_FIRST(&w->jobs); j != NULL && w->running < w->nslots; j = next) {
+		next = TAILQ_NEXT(j, entry);
+		if (j->state != JOB_RESERVED)
+			continue;
+		while (w->slots[slot] != NULL)
+			slot++;
+		job_start(j, slot);
+	}
+}
+
+static char *
+json_brief(const char *text, size_t len)
+{
+	if (text == NULL)
+		return xstrdup("None");
+	return len > 200 ? xasprintf("%.197s...", text) : xstrndup(text, len);
+}
+
+/* The task's end: decide the outcome and hand it to outcome.c. */
+static void
+job_task_done(struct task_run *run)
+{
+	struct job *j = run->engine;
+	struct worker *w = j->w;
+	struct message *m = &j->m;
+	const struct spark_config *cfg = w->cfg;
+	run->on_cancel = NULL;
+	if (j->state == JOB_ABANDONED) {
+		/* its outcome was written when it was abandoned; free it once that write is confirmed */
+		j->task_ended = true;
+		if (j->out_confirmed)
+			job_free(j);
+		engine_tick(w);
+		return;
+	}
+	double runtime = now_mono() - j->started_mono;
+	job_leave_slot(j);
+	int cancel = atomic_load(&run->cancel_flag);
+	if (cancel == TASK_CANCEL_SHUTDOWN && run->outcome != TASK_SUCCESS) {
+		log_warnx("Task %s[%s] interrupted by cold shutdown: put back in the queue", m->task_name, m->task_id);
+		j->out = OUT_REQUEUE;
+		j->report_outcome = "requeued";
+		goto write;
+	}
+	if (cancel == TASK_CANCEL_SOFT_LIMIT && run->outcome != TASK_SUCCESS &&
+	    strcmp(run->exc_type, "SoftTimeLimitExceeded") != 0) {
+		double soft = m->soft_limit >= 0 ? m->soft_limit : cfg->soft_time_limit;
+		task_fail(run, TASK_FAILURE, "celery.exceptions", "SoftTimeLimitExceeded",
+		          "soft time limit (%gs) exceeded", soft);
+	} else if (cancel == TASK_CANCEL_SOFT_LIMIT && run->outcome != TASK_SUCCESS) {
+		run->outcome = TASK_FAILURE;
+	}
+	if (run->outcome == TASK_DEFER) {
+		log_warnx("Task %s[%s] deferred for %gs: %s", m->task_name, m->task_id, DEFER_DELAY_S, run->exc_message);
+		j->out = OUT_PARK;
+		j->out_at = now_wall() + DEFER_DELAY_S;
+		j->report_outcome = "requeued";
+		goto write;
+	}
+	if (run->outcome == TASK_RETRY && m->retries >= cfg->max_retries)
+		run->outcome = TASK_FAILURE; /* retries exhausted: fail with the task's own exception */
+	j->counted = true;
+	if (run->outcome == TASK_SUCCESS) {
+		char *dumped = NULL;
+		const char *text = run->result_json;
+		size_t len = run->result_len;
+		if (text == NULL && run->result != NULL) {
+			dumped = json_dumps(run->result, JSON_ENCODE_ANY | JSON_COMPACT);
+			text = dumped;
+			len = dumped ? strlen(dumped) : 0;
+		}
+		if (log_get_level() <= SPARK_LOG_INFO) {
+			char *brief = json_brief(text, len);
+			log_info("Task %s[%s] succeeded in %.6fs: %s", m->task_name, m->task_id, runtime, brief);
+			free(brief);
+		}
+		j->out = OUT_RESULT;
+		j->report_outcome = "success";
+		j->out_meta = job_meta(j, "SUCCESS", text, len, NULL);
+		free(dumped);
+	} else if (run->outcome == TASK_RETRY) {
+		double countdown = run->retry_countdown > 0 ? run->retry_countdown : 0;
+		j->out_at = now_wall() + countdown;
+		j->out_env = message_build_retry(j->raw, j->len, m, m->retries + 1, j->out_at);
+		if (j->out_env == NULL) {
+			log_errorx("Task %s[%s] cannot be retried: its message cannot be re-encoded", m->task_name,
+			           m->task_id);
+			run->outcome = TASK_FAILURE;
+		} else {
+			log_info("Task %s[%s] retry: Retry in %.3gs: %s('%s')", m->task_name, m->task_id, countdown,
+			         run->exc_type, run->exc_message);
+			j->out = OUT_RETRY;
+			j->report_outcome = "retry";
+			j->out_meta =
+			    job_failure_meta(j, "RETRY", run->exc_module, run->exc_type, run->exc_message);
+		}
+	}
+	if (run->outcome == TASK_FAILURE) {
+		log_errorx("Task %s[%s] raised unexpected: %s('%s')", m->task_name, m->task_id, run->exc_type,
+		           run->exc_message);
+		j->out = OUT_RESULT;
+		j->report_outcome = "failure";
+		j->out_meta = job_failure_meta(j, "FAILURE", run->exc_module[0] ? run->exc_module : "builtins",
+		                               run->exc_type[0] ? run->exc_type : "RuntimeError", run->exc_message);
+	}
+	w->processed++;
+	if (cfg->max_tasks_per_child > 0 && w->processed >= cfg->max_tasks_per_child)
+		engine_recycle(w, "max-tasks");
+write:
+	outcome_write(j);
+	engine_tick(w);
+}
+
+void
+job_cancel_all(struct worker *w, enum task_cancel why)
+{
+	for (int i = 0; i < w->nslots; i++) {
+		struct job *j = w->slots[i];
+		if (j == NULL || j->state != JOB_RUNNING)
+			continue;
+		atomic_store(&j->run.cancel_flag, why);
+		if (j->run.on_cancel != NULL)
+			j->run.on_cancel(&j->run);
+	}
+}
+
+/* Cold stop, grace over: tasks that did not stop go back to the queue now; their later ends are ignored. */
+void
+job_abandon_running(struct worker *w)
+{
+	for (int i = 0; i < w->nslots; i++) {
+		struct job *j = w->slots[i];
+		if (j == NULL || j->state != JOB_RUNNING)
+			continue;
+		job_leave_slot(j);
+		j->state = JOB_ABANDONED;
+		j->out = OUT_REQUEUE;
+		j->report_outcome = "requeued";
+		outcome_write(j);
+	}
+}
+
+void
+job_requeue_reserved(struct worker *w)
+{
+	struct job *j, *next;
+	for (j = TAILQ_FIRST(&w->jobs); j != NULL; j = next) {
+		next = TAILQ_NEXT(j, entry);
+		if (j->state != JOB_RESERVED)
+			continue;
+		log_info("Task %s[%s] put back in the queue (worker stopping)", j->m.task_name, j->m.task_id);
+		j->out = OUT_REQUEUE;
+		outcome_write(j);
+	}
+}
