@@ -218,8 +218,13 @@ rconn_mark_down(struct rconn *rc, const char *why)
 	char where[300];
 	rconn_where(rc, where, sizeof where);
 	log_warnx("%s %s unreachable: %s; reconnecting", rc->what, where, why);
-	if (rc->w != NULL && atomic_fetch_add(&rc->w->down, 1) == 0)
-		report_send("problem %s %s unreachable: %s", rc->what, where, why);
+	if (rc->w != NULL && atomic_fetch_add(&rc->w->down, 1) == 0) {
+		char *text = xasprintf("%s %s unreachable: %s", rc->what, where, why);
+		char *field = report_escape(text);
+		report_send("problem %s", field);
+		free(field);
+		free(text);
+	}
 }
 
 static void

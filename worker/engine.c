@@ -62,15 +62,6 @@ sleep_s(double s)
 		;
 }
 
-/* Ids and names in reports must be single words. */
-static const char *
-word_or_dash(const char *s)
-{
-	if (s == NULL || s[0] == '\0' || strpbrk(s, " \t\r\n") != NULL)
-		return "-";
-	return s;
-}
-
 int
 engine_init(struct worker *w, const struct spark_config *cfg, const char *node, int nslots)
 {
@@ -173,12 +164,15 @@ slot_finish_report_as(struct slot *s, const char *task_id, const char *outcome, 
 	struct worker *w = s->w;
 	long processed = counted ? atomic_fetch_add(&w->processed, 1) + 1 : atomic_load(&w->processed);
 	long rss = proc_rss_kib(0);
-	char line[256];
-	snprintf(line, sizeof line, "finish %d %s %s %ld %ld", s->idx, word_or_dash(task_id), outcome, processed, rss);
-	if (defer && s->deferred_report[0] == '\0')
+	char *id = report_escape(task_id);
+	char *line = xasprintf("finish %d %s %s %ld %ld", s->idx, id, outcome, processed, rss);
+	/* a finish too long to wait in deferred_report (a long id) goes now, alone */
+	if (defer && s->deferred_report[0] == '\0' && strlen(line) < sizeof s->deferred_report)
 		spark_strlcpy(s->deferred_report, line, sizeof s->deferred_report);
 	else
 		slot_report(s, line);
+	free(line);
+	free(id);
 	if (!counted)
 		return;
 	if (w->cfg->max_tasks_per_child > 0 && processed >= w->cfg->max_tasks_per_child)
@@ -282,10 +276,12 @@ slot_run(struct slot *s, struct message *m, task_fn fn)
 	/* a cold stop that raced with the start must not be lost */
 	atomic_store(&s->cancel, atomic_load(&w->cold) ? TASK_CANCEL_SHUTDOWN : TASK_CANCEL_NONE);
 	pthread_mutex_unlock(&s->mu);
-	char startline[512];
-	snprintf(startline, sizeof startline, "start %d %g %s %s", s->idx, hard, word_or_dash(m->task_id),
-	         word_or_dash(m->task_name));
+	char *id = report_escape(m->task_id), *name = report_escape(m->task_name);
+	char *startline = xasprintf("start %d %g %s %s", s->idx, hard, id, name);
 	slot_report(s, startline);
+	free(startline);
+	free(id);
+	free(name);
 
 	run.task_id = m->task_id;
 	run.task_name = m->task_name;
@@ -626,7 +622,7 @@ static int
 engine_report_queues(struct worker *w, struct rconn *rc)
 {
 	char line[SPARK_REPORT_MAX] = "queues";
-	for (int q = 0; q < w->cfg->nqueues; q++) {
+	for (int q = 0; q < w->cfg->nqueues && q < REPORT_MAX_QUEUES; q++) {
 		long long total = 0;
 		for (int k = q; k < w->nqkeys; k += w->cfg->nqueues) {
 			redisReply *r = rconn_command(rc, "LLEN %s", w->qkeys[k]);
@@ -636,10 +632,12 @@ engine_report_queues(struct worker *w, struct rconn *rc)
 				total += r->integer;
 			freeReplyObject(r);
 		}
-		const char *name = w->cfg->queues[q];
+		char *name = report_escape(w->cfg->queues[q]);
 		size_t n = strlen(line);
-		if (strpbrk(name, " \t\r\n=") == NULL && strlen(name) < 64)
+		/* whole items only: a cut one would reach sparkd malformed */
+		if (n + strlen(name) + 32 < sizeof line)
 			snprintf(line + n, sizeof line - n, " %s=%lld", name, total);
+		free(name);
 	}
 	report_send("%s", line);
 	return 0;
@@ -745,7 +743,9 @@ engine_hard_limit(struct worker *w, struct slot *s, struct held *h, const char *
 		if (rconn_ensure(&w->ctl, NULL, 0.5) == 0)
 			rv = broker_ack(&w->ctl, h);
 	long processed = atomic_fetch_add(&w->processed, 1) + 1;
-	report_send("finish %d %s failure %ld %ld", s->idx, word_or_dash(task_id), processed, proc_rss_kib(0));
+	char *id = report_escape(task_id);
+	report_send("finish %d %s failure %ld %ld", s->idx, id, processed, proc_rss_kib(0));
+	free(id);
 	engine_requeue_all(w, s->idx);
 	report_send("recycle time-limit");
 	for (int i = 0; i < 3; i++)
