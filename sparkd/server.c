@@ -272,7 +272,7 @@ pack_proc(msgpack_packer *pk, const struct sd_slot *s, const struct sd_proc *p, 
 		msgpack_pack_nil(pk);
 	proto_pack_key(pk, "last_exit");
 	pack_exit(pk, &s->last_exit);
-	proto_pack_kv_str(pk, "problem", p && p->problem[0] ? p->problem : NULL);
+	proto_pack_kv_str(pk, "problem", p ? p->problem : NULL);
 	proto_pack_kv_str(pk, "recycle", p && p->reason[0] ? p->reason : NULL);
 	proto_pack_key(pk, "next_restart_s");
 	if (p == NULL && s->backoff)

@@ -66,8 +66,8 @@ enum sd_state {
 
 struct sd_task {
 	bool used;
-	char id[128];
-	char name[256];
+	char *id; /* heap, any length (NULL when not used) */
+	char *name;
 	double started_wall;
 	double started_mono;
 	double hard_limit; /* seconds, 0 = none */
@@ -98,7 +98,7 @@ struct sd_proc {
 	double ready_mono; /* 0 until ready */
 	long processed;
 	long rss_kib;
-	char problem[256];
+	char *problem; /* as last reported (heap), NULL when none */
 	int nslots;
 	struct sd_task *tasks; /* nslots entries */
 	int rep_fd;
@@ -251,7 +251,7 @@ struct sparkd {
 
 	/* queue lengths, as the workers last reported them (sparkd has no Redis client of its own) */
 	int nqlen;
-	char qname[REPORT_MAX_QUEUES][64];
+	char *qname[REPORT_MAX_QUEUES]; /* heap */
 	long qlen[REPORT_MAX_QUEUES];
 	double qlen_at;
 };

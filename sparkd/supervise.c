@@ -118,6 +118,14 @@ sup_start_all(struct sparkd *sd)
 }
 
 static void
+task_clear(struct sd_task *t)
+{
+	free(t->id);
+	free(t->name);
+	memset(t, 0, sizeof *t);
+}
+
+static void
 proc_free(struct sd_proc *p)
 {
 	TAILQ_REMOVE(&p->w->procs, p, entry);
@@ -129,7 +137,10 @@ proc_free(struct sd_proc *p)
 		event_free(p->rep_ev);
 	if (p->rep_fd >= 0)
 		close(p->rep_fd);
+	for (int i = 0; i < p->nslots; i++)
+		task_clear(&p->tasks[i]);
 	free(p->tasks);
+	free(p->problem);
 	free(p);
 }
 
@@ -148,6 +159,9 @@ sup_free(struct sparkd *sd)
 	free(sd->workers);
 	sd->workers = NULL;
 	sd->nworkers = 0;
+	for (int i = 0; i < sd->nqlen; i++)
+		free(sd->qname[i]);
+	sd->nqlen = 0;
 	if (sd->stop_timeout_ev)
 		event_free(sd->stop_timeout_ev);
 	if (sd->kill_ev)
@@ -275,7 +289,7 @@ sup_not_ready_reason(struct sparkd *sd, char *buf, size_t len)
 			struct sd_slot *s = &w->slots[k];
 			if (s->current != NULL && s->current->state == PS_ACTIVE)
 				continue;
-			if (s->current != NULL && s->current->problem[0])
+			if (s->current != NULL && s->current->problem != NULL)
 				snprintf(buf, len, "%s: %s", w->name, s->current->problem);
 			else if (s->last_exit.set)
 				snprintf(buf, len, "%s: last process %s", w->name, s->last_exit.reason);
@@ -352,9 +366,10 @@ proc_report(struct sd_proc *p, const struct report *r)
 		if (slot < 0)
 			slot = 0;
 		struct sd_task *t = &p->tasks[slot];
+		task_clear(t);
 		t->used = true;
-		spark_strlcpy(t->id, r->task_id, sizeof t->id);
-		spark_strlcpy(t->name, r->task_name, sizeof t->name);
+		t->id = xstrdup(r->task_id);
+		t->name = xstrdup(r->task_name);
 		t->started_wall = now_wall();
 		t->started_mono = now_mono();
 		t->hard_limit = r->hard_limit;
@@ -369,13 +384,19 @@ proc_report(struct sd_proc *p, const struct report *r)
 			if (p->tasks[i].used && strcmp(p->tasks[i].id, r->task_id) == 0)
 				slot = i;
 		if (slot >= 0)
-			p->tasks[slot].used = false;
+			task_clear(&p->tasks[slot]);
 		if (r->processed > p->processed)
 			p->processed = r->processed;
 		if (r->rss_kib > 0)
 			p->rss_kib = r->rss_kib;
 		break;
 	}
+	case REPORT_PROGRESS:
+		if (r->processed > p->processed)
+			p->processed = r->processed;
+		if (r->rss_kib > 0)
+			p->rss_kib = r->rss_kib;
+		break;
 	case REPORT_RECYCLE:
 		log_info("%s: process %d will exit after its current tasks (%s): starting its replacement", p->w->name,
 		         (int)p->pid, r->reason);
@@ -388,12 +409,15 @@ proc_report(struct sd_proc *p, const struct report *r)
 			p->state = PS_DRAINING;
 		break;
 	case REPORT_PROBLEM:
-		spark_strlcpy(p->problem, r->text, sizeof p->problem);
+		free(p->problem);
+		p->problem = r->text[0] != '\0' ? xstrdup(r->text) : NULL;
 		break;
 	case REPORT_QUEUES:
+		for (int i = 0; i < sd->nqlen; i++)
+			free(sd->qname[i]);
 		sd->nqlen = r->nqueues;
 		for (int i = 0; i < r->nqueues; i++) {
-			spark_strlcpy(sd->qname[i], r->queue[i], sizeof sd->qname[i]);
+			sd->qname[i] = xstrdup(r->queue[i]);
 			sd->qlen[i] = r->queue_len[i];
 		}
 		sd->qlen_at = now_wall();
@@ -407,7 +431,8 @@ proc_report(struct sd_proc *p, const struct report *r)
 static void
 proc_read_reports(struct sd_proc *p)
 {
-	char buf[SPARK_REPORT_MAX];
+	/* a datagram never exceeds SPARK_REPORT_MAX (report.h); its lines unescape into no more than their length */
+	char buf[SPARK_REPORT_MAX], scratch[SPARK_REPORT_MAX + 1];
 	while (p->rep_fd >= 0) {
 		ssize_t n = recv(p->rep_fd, buf, sizeof buf, MSG_DONTWAIT);
 		if (n < 0 && errno == EINTR)
@@ -427,7 +452,7 @@ proc_read_reports(struct sd_proc *p)
 			const char *nl = memchr(line, '\n', (size_t)(end - line));
 			size_t len = nl ? (size_t)(nl - line) : (size_t)(end - line);
 			struct report r;
-			if (len > 0 && report_parse(line, len, &r) < 0)
+			if (len > 0 && report_parse(line, len, &r, scratch, sizeof scratch) < 0)
 				log_warnx("%s: process %d sent a malformed report: %.*s", p->w->name, (int)p->pid,
 				          (int)(len > 120 ? 120 : len), line);
 			else if (len > 0)
@@ -604,10 +629,14 @@ sup_tick(struct sparkd *sd)
 				double ran = now - t->started_mono;
 				if (ran <= t->hard_limit + SD_TIME_LIMIT_GRACE)
 					continue;
-				log_warnx(
-				    "%s: process %d: task %s (%s) has run %.0fs, past its hard time limit of %.0fs: "
-				    "killing the process (time-limit)",
-				    w->name, (int)p->pid, t->name, t->id, ran, t->hard_limit);
+				/* escaped: an id may hold any byte, a newline included; long ones are cut in the log
+				 * only */
+				char *id = report_escape(t->id), *name = report_escape(t->name);
+				log_warnx("%s: process %d: task %.256s (%.256s) has run %.0fs, past its hard time "
+				          "limit of %.0fs: killing the process (time-limit)",
+				          w->name, (int)p->pid, name, id, ran, t->hard_limit);
+				free(id);
+				free(name);
 				kill(p->pid, SIGKILL);
 				spark_strlcpy(p->reason, "time-limit", sizeof p->reason);
 				sup_retire(p, "time-limit");
