@@ -13,13 +13,19 @@
 #include "util.h"
 #include "worker.h"
 
+/* Jitter for retry delays: xorshift64* seeded once per process (a syscall per task would cost more than the
+ * task). */
 static double
-rand01(void)
+rand01(struct worker *w)
 {
-	uint32_t v = 0;
-	if (getrandom(&v, sizeof v, 0) != (ssize_t)sizeof v)
-		v = (uint32_t)rand();
-	return (double)v / 4294967296.0;
+	if (w->rng == 0) {
+		if (getrandom(&w->rng, sizeof w->rng, 0) != (ssize_t)sizeof w->rng || w->rng == 0)
+			w->rng = (uint64_t)w->pid * 0x9E3779B97F4A7C15ULL + 1;
+	}
+	w->rng ^= w->rng >> 12;
+	w->rng ^= w->rng << 25;
+	w->rng ^= w->rng >> 27;
+	return (double)((w->rng * 0x2545F4914F6CDD1DULL) >> 11) / 9007199254740992.0;
 }
 
 void
@@ -261,7 +267,7 @@ job_start(struct job *j, int slot)
 	run->retries = m->retries;
 	run->max_retries = cfg->max_retries;
 	run->last_attempt = m->retries >= cfg->max_retries;
-	run->retry_countdown = message_retry_countdown(cfg, m->retries, rand01());
+	run->retry_countdown = message_retry_countdown(cfg, m->retries, rand01(w));
 	run->redelivered = m->redelivered;
 	run->cfg = cfg;
 	run->slot = slot;

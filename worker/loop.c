@@ -23,6 +23,7 @@
 #define EXIT_DEADLINE_S 3.0 /* after the last job, how long unregistering may take */
 #define HUNG_AFTER_S    30.0
 #define HOUSEKEEPING_S  0.05
+#define REPORT_EVERY_S  0.01 /* task starts and ends reach sparkd within this; one datagram per interval */
 
 static bool
 str_same(const char *a, const char *b)
@@ -85,7 +86,7 @@ engine_free(struct worker *w)
 	for (int i = 0; i < 4; i++)
 		if (w->sig_ev[i] != NULL)
 			event_free(w->sig_ev[i]);
-	struct event *evs[] = {w->tick_ev, w->housekeeping_ev, w->exit_ev, w->poll_ev};
+	struct event *evs[] = {w->tick_ev, w->housekeeping_ev, w->exit_ev, w->poll_ev, w->report_ev};
 	for (size_t i = 0; i < sizeof evs / sizeof evs[0]; i++)
 		if (evs[i] != NULL)
 			event_free(evs[i]);
@@ -123,6 +124,7 @@ engine_recycle(struct worker *w, const char *reason)
 		w->recycling = true;
 		log_info("Recycling this worker process (%s): finishing in-flight tasks", reason);
 		report_recycle(&w->rep, reason);
+		engine_flush_reports(w, true);
 	}
 	engine_stop_fetching(w);
 }
@@ -134,6 +136,7 @@ engine_warm_stop(struct worker *w)
 		w->draining_sent = true;
 		log_info("worker: Warm shutdown (MainProcess)");
 		report_draining(&w->rep);
+		engine_flush_reports(w, true);
 	}
 	engine_stop_fetching(w);
 }
@@ -154,7 +157,7 @@ void
 engine_conn_state(struct worker *w)
 {
 	report_problem(&w->rep, w->down > 0 ? w->problem : NULL);
-	engine_tick(w);
+	engine_flush_reports(w, true);
 }
 
 /* ---- the end ---- */
@@ -219,6 +222,34 @@ engine_maybe_exit(struct worker *w)
 /* ---- the tick ---- */
 
 static void
+engine_report_cb(evutil_socket_t fd, short what, void *arg)
+{
+	engine_flush_reports(arg, true);
+}
+
+/* Reports go out at most every REPORT_EVERY_S (a drain would otherwise send a datagram per task); now = also
+ * what sparkd must learn at once (ready, recycle, stopping, problems). */
+void
+engine_flush_reports(struct worker *w, bool now)
+{
+	if (w->rep.len == 0)
+		return;
+	double t = now_mono();
+	if (now || t - w->reports_at >= REPORT_EVERY_S) {
+		w->reports_at = t;
+		report_flush(&w->rep);
+		return;
+	}
+	if (w->report_ev == NULL)
+		w->report_ev = evtimer_new(w->base, engine_report_cb, w);
+	if (!evtimer_pending(w->report_ev, NULL)) {
+		double left = REPORT_EVERY_S - (t - w->reports_at);
+		struct timeval tv = {0, (suseconds_t)(left * 1e6)};
+		evtimer_add(w->report_ev, &tv);
+	}
+}
+
+static void
 engine_tick_cb(evutil_socket_t fd, short what, void *arg)
 {
 	struct worker *w = arg;
@@ -234,7 +265,7 @@ engine_tick_cb(evutil_socket_t fd, short what, void *arg)
 			engine_recycle(w, "max-memory");
 	}
 	engine_maybe_exit(w);
-	report_flush(&w->rep);
+	engine_flush_reports(w, false);
 }
 
 void
@@ -292,6 +323,7 @@ engine_started(struct worker *w, bool ok)
 	}
 	if (!w->stop) {
 		report_ready(&w->rep, w->nslots);
+		engine_flush_reports(w, true);
 		log_info("%s ready: %d slot%s, queues %s", w->node, w->nslots, w->nslots == 1 ? "" : "s", queues);
 	}
 	fetch_on_broker_up(w);

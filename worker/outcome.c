@@ -28,6 +28,14 @@ enum { PHASE_META = 0, PHASE_ETA, PHASE_ACK, PHASE_DONE };
 
 static void outcome_send(struct job *j);
 
+/* The guarded writer for a message that may have been recorded before: redelivered, or written again after a
+ * lost reply (its first write may have landed). */
+static bool
+out_guarded(const struct job *j)
+{
+	return j->m.redelivered || j->out_resent;
+}
+
 static char *
 score_str(double t, char *buf, size_t len)
 {
@@ -189,7 +197,7 @@ out_finish(struct job *j, bool with_eta)
 {
 	struct worker *w = j->w;
 	bool meta_here = j->out_meta != NULL && w->backend_on_broker;
-	if (meta_here && j->m.redelivered && !with_eta) {
+	if (meta_here && out_guarded(j) && !with_eta) {
 		char *key = xasprintf(RESULT_KEY_PREFIX "%s", j->m.task_id);
 		char ttl[16], bdb[16], qdb[16];
 		snprintf(ttl, sizeof ttl, "%d", RESULT_EXPIRES);
@@ -271,7 +279,7 @@ outcome_send(struct job *j)
 				/* on the broker: a dead letter's FAILURE meta goes first, in its own phase */
 				if (meta && j->out == OUT_DEADLETTER) {
 					j->out_exec = false;
-					if (j->m.redelivered)
+					if (out_guarded(j))
 						out_meta_guarded(j, &w->broker);
 					else
 						out_meta_plain(j, &w->broker, w->cfg->backend.db, true);
@@ -281,13 +289,13 @@ outcome_send(struct job *j)
 				continue;
 			}
 			j->out_exec = false;
-			if (j->m.redelivered)
+			if (out_guarded(j))
 				out_meta_guarded(j, &w->backend);
 			else
 				out_meta_plain(j, &w->backend, w->cfg->backend.db, true);
 			return;
 		case PHASE_ETA:
-			if (j->out != OUT_RETRY || !(j->m.redelivered && w->backend_on_broker && j->out_meta != NULL)) {
+			if (j->out != OUT_RETRY || !(out_guarded(j) && w->backend_on_broker && j->out_meta != NULL)) {
 				j->out_phase++;
 				continue;
 			}
@@ -298,7 +306,7 @@ outcome_send(struct job *j)
 			if (j->out == OUT_RESULT)
 				out_finish(j, false);
 			else if (j->out == OUT_RETRY)
-				out_finish(j, !(j->m.redelivered && w->backend_on_broker && j->out_meta != NULL));
+				out_finish(j, !(out_guarded(j) && w->backend_on_broker && j->out_meta != NULL));
 			else
 				out_script_move(j); /* a dead letter's meta went in PHASE_META */
 			return;
@@ -336,6 +344,7 @@ outcome_resend(struct worker *w)
 		if (j->out == OUT_NONE || j->out_confirmed || !j->out_lost || j->out_pending > 0)
 			continue;
 		j->out_lost = false;
+		j->out_resent = true;
 		outcome_send(j);
 	}
 }

@@ -47,12 +47,14 @@
 	"end\n"
 
 /*
- * Celery's _store_result: never overwrite a SUCCESS, then SETEX + PUBLISH on the key's own name.
+ * Celery's _store_result: never overwrite a SUCCESS, then SETEX + PUBLISH on the key's own name. The same meta
+ * already there (a write sent again after a lost reply) is not published twice.
  * Celery (and we) write "status" first; a meta in another shape is decoded in full.
  */
 #define LUA_STORE_FN                                                                                                   \
 	"local function store(key, meta, ttl)\n"                                                                       \
 	"  local cur = redis.call('GET', key)\n"                                                                       \
+	"  if cur == meta then return 0 end\n"                                                                         \
 	"  if cur then\n"                                                                                              \
 	"    local st = string.match(cur, '^%s*{%s*\"status\"%s*:%s*\"(%u+)\"')\n"                                     \
 	"    if not st then\n"                                                                                         \

@@ -29,6 +29,7 @@
 #include <jansson.h>
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <sys/queue.h>
 
 #include "config.h"
@@ -268,6 +269,7 @@ struct job {
 	int out_pending;            /* replies outstanding for the phase */
 	bool out_exec;              /* the phase ends with EXEC */
 	bool out_lost;              /* a reply was lost: write the phase again once reconnected */
+	bool out_resent;            /* written again after a lost reply: the guarded writer from now on */
 	bool out_confirmed;         /* every phase confirmed */
 	bool task_ended;            /* an abandoned job's task has called done */
 	int record_pending;         /* replies of kombu's records outstanding */
@@ -327,6 +329,9 @@ struct worker {
 	long processed;
 	long rss_kib;
 	long rss_checked_at; /* processed when memory was last checked */
+	uint64_t rng;
+	double reports_at; /* monotonic: the last report flush */
+	struct event *report_ev;
 	struct event *tick_ev; /* end of tick: flush reports, check memory */
 	struct event *sig_ev[4];
 	struct event *housekeeping_ev;
@@ -351,6 +356,7 @@ void engine_recycle(struct worker *w, const char *reason);
 void engine_tick(struct worker *w);         /* ask for an end-of-tick flush */
 void engine_maybe_exit(struct worker *w);   /* stopping and nothing held: unregister and leave */
 void engine_conn_state(struct worker *w);   /* a connection went down or up: report it */
+void engine_flush_reports(struct worker *w, bool now);
 
 /* fetch.c */
 void fetch_kick(struct worker *w);          /* fetch for free capacity, if any */

@@ -243,7 +243,7 @@ def test_thousand_slots_run_at_once_in_one_process_on_two_connections(spark, cel
 
 
 def test_killed_connections_lose_no_task_and_complete_none_twice(spark, celery, redis):
-    n, slots, kills, every = 3000, 50, 5, 400
+    n, slots, kills, every = 12000, 50, 5, 150
     r = redis.client()
     app = celery()
     ids = [str(uuid.uuid4()) for _ in range(n)]
