@@ -32,12 +32,16 @@ enum task_cancel {
 };
 
 struct task_run {
-	/* ---- in (borrowed, valid during the call) ---- */
+	/* ---- in (borrowed, valid until the task has called done) ---- */
 	const char *task_id; /* Celery task id */
 	const char *task_name;
-	json_t *args;           /* JSON array */
-	json_t *kwargs;         /* JSON object */
-	json_t *headers;        /* the message headers object */
+	json_t *args;    /* JSON array; built only for tasks registered with needs_dom */
+	json_t *kwargs;  /* JSON object; ditto */
+	json_t *headers; /* the message headers object; ditto */
+	const char *arg0_json; /* raw JSON of args[0] (NULL when args is empty): for copy-through tasks */
+	size_t arg0_len;
+	const char *kwargs_json; /* raw JSON of kwargs */
+	size_t kwargs_len;
 	int retries;            /* headers.retries: 0 on the first run */
 	int max_retries;        /* CELERY_TASK_MAX_RETRIES */
 	bool last_attempt;      /* true when a TASK_RETRY outcome would not be retried (retries >= max_retries) */
@@ -46,21 +50,34 @@ struct task_run {
 	const struct spark_config *cfg;
 	int slot;         /* slot number inside this process (0-based) */
 	const char *node; /* worker node name, e.g. celery-1@host */
+	struct event_base *base; /* the process's loop: tasks wait on it, never block it */
 
 	/*
-	 * Raised (enum task_cancel) by the engine's timer or by a cold stop. Long tasks poll it
-	 * (at least every 100 ms) and HTTP transfers abort through their progress callback.
+	 * The engine's end of a run: the task calls done(run) exactly once, from the loop thread, possibly before
+	 * its start function returns. After a cancel the task still calls done (the engine may ignore it).
+	 */
+	void (*done)(struct task_run *run);
+	void *engine; /* the engine's, for done */
+	/*
+	 * Cancellation: the engine stores the reason in *cancel (enum task_cancel), then calls on_cancel when the
+	 * task set it. Tasks running off the loop (the blocking bridge) poll *cancel instead.
 	 */
 	atomic_int *cancel;
+	atomic_int cancel_flag; /* what cancel points at */
+	void (*on_cancel)(struct task_run *run);
+	void *task; /* the task's own state */
 
 	/* ---- out ---- */
 	enum task_outcome outcome;
-	json_t *result;         /* TASK_SUCCESS: new reference, or NULL for null */
+	json_t *result;          /* TASK_SUCCESS: new reference, or NULL for null (unless result_json is set) */
+	const char *result_json; /* TASK_SUCCESS: raw JSON copied through (borrowed from the message), or NULL */
+	size_t result_len;
 	char exc_type[64];      /* e.g. "ValueError", "TimeoutError", "SoftTimeLimitExceeded" */
 	char exc_module[64];    /* e.g. "builtins", "celery.exceptions" */
 	char exc_message[1024]; /* one line; never contains a secret */
 };
 
+/* Start a task; it ends with run->done(run), possibly before returning. */
 typedef void (*task_fn)(struct task_run *run);
 
 /* Set a failure (or retryable failure) on run in one call. */
@@ -110,7 +127,7 @@ struct workflow_plugin {
 	int (*migrate)(const struct spark_config *cfg);
 };
 
-/* Look up a task by name; NULL when unknown. */
-task_fn task_lookup(const char *name);
+/* Look up a task by name; NULL when unknown. *needs_dom: the task reads run->args/kwargs/headers. */
+task_fn task_lookup(const char *name, bool *needs_dom);
 
 #endif

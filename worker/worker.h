@@ -1,18 +1,23 @@
 /*
- * spark-worker engine: one process, N slot threads, each with its own blocking hiredis connections.
+ * spark-worker: one process, one libevent loop. A slot is a state machine, not a thread.
  *
- *   main.c     command line, configuration, process start and exit
- *   engine.c   process state, slot threads, limits, signals, the housekeeper thread
- *   broker.c   Redis connections with reconnect, Lua scripts, fetch/ack/requeue/ETA/dead-letter/recovery
- *   message.c  Celery envelope/body decoding, retry envelopes, key naming (pure functions)
- *   result.c   Celery result meta (celery-task-meta-<id>)
- *   tasks.c    task registry and the built-in tasks
+ *   main.c      command line, configuration, process start and exit
+ *   loop.c      the process: event base, signals, stops, recycling, limits, the per-tick flush
+ *   rpipe.c     an async Redis connection (hiredis + libevent) that reconnects, loads scripts and reports down/up
+ *   scripts.c   the Lua scripts (one definition each) and their ids
+ *   fetch.c     batched reliable fetch, the idle wait (CLIENT TRACKING invalidations), reconcile after reconnect
+ *   job.c       a held message from fetch to its end: decode, dispatch to a slot, time limits, task completion
+ *   outcome.c   "record, then ack": the one place that writes a job's outcome and confirms it
+ *   sweep.c     housekeeping: ETA moves, lease refresh, dead-process recovery, kombu sweep, queue lengths
+ *   message.c   Celery envelope scan (jsmn, no DOM on the hot path), retry envelopes, key naming
+ *   meta.c      Celery result metas built into a reused buffer
+ *   tasks.c     task registry and the built-in tasks
  *
  * Redis keys owned by spark-worker (besides Celery's queues and kombu's unacked records):
  *   spark:processing                 SET of the processing lists of live processes
- *   spark:processing:<host>:<pid>    LIST: messages this process holds (always also in kombu's unacked)
+ *   spark:processing:<host>:<pid>    LIST: messages this process holds (kombu's unacked records follow them)
  *   spark:processing:<host>:<pid>:landing
- *                                    LIST: messages taken by BLMOVE, not yet recorded in unacked
+ *                                    LIST: unused by this engine; still recovered for processes of older builds
  *   spark:alive:<host>:<pid>         STRING with a TTL, refreshed while the process lives
  *   spark:eta                        ZSET: messages waiting for their ETA (score = epoch seconds)
  *   spark:deadletter                 LIST: bad messages with the reason
@@ -22,13 +27,18 @@
 
 #include <hiredis.h>
 #include <jansson.h>
-#include <pthread.h>
-#include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
+#include <sys/queue.h>
 
 #include "config.h"
+#include "report.h"
 #include "task.h"
+
+struct event_base;
+struct event;
+struct redisAsyncContext;
 
 #define KEY_UNACKED           "unacked"
 #define KEY_UNACKED_INDEX     "unacked_index"
@@ -39,33 +49,58 @@
 #define KEY_ALIVE_PREFIX      "spark:alive:"
 #define KEY_ETA               "spark:eta"
 #define KEY_DEADLETTER        "spark:deadletter"
+#define KEY_INVALIDATE        "__redis__:invalidate"
 #define KOMBU_SEP             "\x06\x16"
 #define RESULT_KEY_PREFIX     "celery-task-meta-"
 #define RESULT_EXPIRES        86400
 #define ALIVE_TTL_S           30
 #define DEFER_DELAY_S         5.0
-#define FETCH_BLOCK_S         "0.2"
-/* several queues (automagik-spark consumes celery and direct): the others are polled more often */
-#define FETCH_BLOCK_MULTI_S "0.05"
+/* the longest task id and name a message may carry (longer ones are dead-lettered with the reason) */
+#define MESSAGE_MAX_ID   16384
+#define MESSAGE_MAX_NAME 1024
+
+/* ---- sbuf (meta.c): a growable byte buffer, reused across tasks ---- */
+
+struct sbuf {
+	char *p;
+	size_t len, cap;
+};
+void sbuf_reset(struct sbuf *b);
+void sbuf_add(struct sbuf *b, const void *p, size_t n);
+void sbuf_adds(struct sbuf *b, const char *s);
+/* s as a JSON string literal (quotes, escapes); bytes that are not UTF-8 become U+FFFD */
+void sbuf_add_json_string(struct sbuf *b, const char *s, size_t n);
+void sbuf_free(struct sbuf *b);
 
 /* ---- message.c ---- */
 
-/* A decoded Celery task message. Strings are borrowed from env/body and live as long as the message. */
+/*
+ * A decoded Celery task message. The hot path scans the envelope with jsmn and keeps raw JSON spans; strings
+ * that needed unescaping and the decoded body live in m->store. Everything stays valid until message_free.
+ */
 struct message {
-	json_t *env;  /* the envelope (owned) */
-	json_t *body; /* the decoded body (owned) */
-	json_t *headers;
+	char *store;       /* owned: unescaped strings and the decoded body text */
+	const char *body;  /* the decoded body text (JSON), in store */
+	size_t body_len;
 	const char *task_name; /* NULL when unreadable */
 	const char *task_id;   /* NULL when unreadable */
-	json_t *args, *kwargs;
+	const char *parent_id, *group_id; /* for the result meta; NULL when absent */
+	const char *args_json; /* raw JSON of args (an array), in body */
+	size_t args_len;
+	const char *kwargs_json; /* raw JSON of kwargs (an object), in body */
+	size_t kwargs_len;
+	const char *arg0_json; /* raw JSON of args[0]; NULL when args is empty */
+	size_t arg0_len;
 	int retries;
 	double eta, expires;           /* epoch seconds; 0 = none */
-	double hard_limit, soft_limit; /* from headers.timelimit; -1 = not given */
+	double hard_limit, soft_limit; /* from timelimit; -1 = not given */
 	bool ignore_result;
 	bool redelivered;
 	bool v1; /* protocol v1: task fields live in the body */
 	int priority;
 	const char *exchange, *routing_key, *delivery_tag; /* "" when absent */
+	/* DOM of args, kwargs and headers, built only by message_dom (tasks that need values) */
+	json_t *args, *kwargs, *headers;
 	/* why the message is bad (message_decode returned -1) */
 	char exc_type[32];
 	char reason[256];
@@ -74,6 +109,8 @@ struct message {
 /* Decode an envelope. 0 = runnable; -1 = bad (m->reason, m->exc_type; m->task_id may still be set).
  * Always call message_free afterwards. */
 int message_decode(const char *raw, size_t len, struct message *m);
+/* Build m->args, m->kwargs, m->headers with jansson (idempotent). 0, or -1 with m->reason set. */
+int message_dom(struct message *m, const char *raw, size_t len);
 void message_free(struct message *m);
 
 /* ISO 8601 as Celery writes it (fraction optional, Z, +HH:MM, or naive = UTC) -> epoch seconds. */
@@ -93,8 +130,8 @@ char *message_queue_key(const char *queue, int priority);
 /* The queue name of a priority key ("celery\x06\x163" -> "celery"); caller frees. */
 char *message_queue_of_key(const char *key);
 
-/* A retry of m: same id, retries, eta, a new delivery_tag; caller frees. NULL on failure. */
-char *message_build_retry(const struct message *m, int retries, double eta);
+/* A retry of the message raw (decoded as m): same id, retries, eta, a new delivery_tag; caller frees. */
+char *message_build_retry(const char *raw, size_t len, const struct message *m, int retries, double eta);
 /* The same envelope with kombu's redelivered flags set; NULL when raw is not a JSON object. */
 char *message_mark_redelivered(const char *raw, size_t len);
 /* The spark:deadletter entry: {"reason", "queue", "at", "message"} (plus "message_base64" for non-UTF-8). */
@@ -104,12 +141,19 @@ char *message_eta_member(const char *qkey, const char *raw, size_t len);
 /* Seconds until a retry: Celery's exponential backoff with equal jitter, or the fixed default delay. */
 double message_retry_countdown(const struct spark_config *cfg, int retries, double rand01);
 
-/* ---- broker.c ---- */
+/* ---- meta.c: Celery result metas (reference §3), what AsyncResult.get() in Python reads ---- */
+
+/* The meta of task_id into b (reset first): {"status", "result", "traceback", "children", "date_done",
+ * ["parent_id", "group_id",] "task_id"}. result_json is raw JSON (NULL = null); m may be NULL. */
+void meta_build(struct sbuf *b, const char *task_id, const char *status, const char *result_json, size_t result_len,
+                const char *traceback, const struct message *m);
+/* {"exc_type", "exc_message": [message], "exc_module"} as raw JSON into b (reset first). */
+void meta_exception(struct sbuf *b, const char *module, const char *type, const char *message);
+
+/* ---- scripts.c ---- */
 
 enum script_id {
-	SCRIPT_FETCH = 0,
-	SCRIPT_RECORD,
-	SCRIPT_ACK,
+	SCRIPT_FETCH = 0, /* up to N messages over every queue key, recorded in kombu's unacked */
 	SCRIPT_DEADLETTER,
 	SCRIPT_PARK,
 	SCRIPT_REQUEUE,
@@ -121,148 +165,117 @@ enum script_id {
 	SCRIPT_FINISH,
 	SCRIPT_COUNT,
 };
+extern const char *const script_src[SCRIPT_COUNT];
+
+/* ---- rpipe.c: an async Redis connection ---- */
 
 struct worker;
+struct rpipe;
 
-/* A blocking Redis connection that reconnects with backoff. */
-struct rconn {
-	redisContext *c;
+/* A command's reply; r is NULL when the connection was lost before the reply came: whether the command ran is
+ * unknown. The reply is freed by hiredis after the callback returns. */
+typedef void (*rpipe_cb)(struct rpipe *p, redisReply *r, void *arg);
+
+enum rpipe_kind {
+	RPIPE_COMMANDS, /* pipelined commands; scripts loaded on connect */
+	RPIPE_NOTIFY,   /* SUBSCRIBEd to __redis__:invalidate; the command connection's tracking redirects here */
+};
+
+struct rpipe {
+	struct worker *w;
+	enum rpipe_kind kind;
 	const struct redis_url *url;
-	const char *what; /* "broker" or "result backend", for logs */
-	struct worker *w;
-	bool down; /* counted in w->down */
-	double backoff;
-	unsigned gen;               /* counts successful connects: a change means replies may have been lost */
-	int pending;                /* replies of commands sent without waiting, read before the next command */
-	bool queued_lost;           /* the connection closed with commands queued: whether they ran is unknown */
-	char sha[SCRIPT_COUNT][41]; /* EVALSHA names, from SCRIPT LOAD on each new connection */
+	const char *what;              /* "broker", "result backend": for logs */
+	struct redisAsyncContext *ac;  /* NULL while disconnected */
+	bool ready;                    /* connected, AUTH/SELECT (and SCRIPT LOAD) done */
+	bool down;                     /* counted in w->down */
+	double backoff;                /* next reconnect delay */
+	struct event *retry_ev;        /* reconnect timer */
+	unsigned gen;                  /* successful connects */
+	long long client_id;           /* CLIENT ID of this connection */
+	int inflight;                  /* replies outstanding */
+	double last_progress;          /* monotonic: last reply, or when inflight went from 0 to 1 */
+	char sha[SCRIPT_COUNT][41];
+	struct rcall *free_calls; /* spare command records */
+	/* called once ready after each (re)connect, and when the connection is lost */
+	void (*on_up)(struct rpipe *p);
+	void (*on_down)(struct rpipe *p);
+	/* RPIPE_NOTIFY: each invalidated key (NULL key: flush of everything) */
+	void (*on_invalidate)(struct rpipe *p, const char *key, size_t len);
 };
 
-/* A message this process holds: in its processing list and in kombu's unacked records. */
-struct held {
-	char *raw;
+void rpipe_init(struct rpipe *p, struct worker *w, enum rpipe_kind kind, const struct redis_url *url,
+                const char *what);
+void rpipe_start(struct rpipe *p); /* connect now (asynchronously) */
+void rpipe_close(struct rpipe *p);
+/* Queue one command (written with everything else queued in this loop tick). -1 when not ready: nothing sent
+ * and cb not called. */
+int rpipe_send(struct rpipe *p, rpipe_cb cb, void *arg, int argc, const char **argv, const size_t *lens);
+/* EVALSHA of a loaded script: argv holds nkeys keys then nargs args. -1 when not ready. */
+int rpipe_eval(struct rpipe *p, enum script_id id, rpipe_cb cb, void *arg, int nkeys, int nargs, const char **argv,
+               const size_t *lens);
+/* Give up on the connection (an error reply where success was needed, a hung server): every outstanding
+ * callback gets NULL, on_down runs, and a reconnect follows after the backoff. */
+void rpipe_fail(struct rpipe *p, const char *why);
+/* Drop a connection whose oldest outstanding reply is older than the limit (a hung server). */
+void rpipe_check_hung(struct rpipe *p, double limit_s);
+
+/* ---- the process ---- */
+
+enum job_state {
+	JOB_RESERVED = 0, /* fetched, decoded, waiting for a free slot (prefetch) */
+	JOB_RUNNING,      /* its task runs in a slot */
+	JOB_WRITING,      /* its end is being written (outcome.c); freed when Redis confirms it */
+	JOB_ABANDONED,    /* the task still runs but its outcome was already written (hard limit, cold stop) */
+};
+
+/* How a job ends: what outcome.c writes. */
+enum outcome_kind {
+	OUT_NONE = 0,
+	OUT_RESULT,     /* the result meta (when stored) and the ack: success, failure, revoked */
+	OUT_RETRY,      /* the retry envelope into spark:eta, then RETRY meta and the ack */
+	OUT_PARK,       /* into spark:eta as it is (ETA in the future, deferred) */
+	OUT_REQUEUE,    /* back to its queue, marked redelivered (stopping, cold stop) */
+	OUT_DEADLETTER, /* FAILURE meta when it has an id, then spark:deadletter */
+};
+
+struct job {
+	TAILQ_ENTRY(job) entry; /* w->jobs */
+	struct worker *w;
+	enum job_state state;
+	char *raw; /* the envelope exactly as in the processing list */
 	size_t len;
-	char *tag;       /* delivery_tag, "" when the envelope had none */
-	char *qkey;      /* the Redis key it came from: where it goes back */
-	bool unrecorded; /* taken with a plain LMOVE: kombu's unacked records are still to be written */
+	const char *qkey; /* the queue key it came from (one of w->qkeys) */
+	bool unrecorded;  /* kombu's unacked records are still to be written */
+	char *tag;        /* kombu delivery tag, "" when none */
+	struct message m;
+	bool decoded; /* m holds a decoded message (message_free due) */
+	int slot;     /* slot index while running, else -1 */
+	task_fn fn;
+	struct task_run run;
+	struct event *soft_ev, *hard_ev;
+	double started_mono;
+	bool store_result;   /* outcome metas go to the result backend */
+	bool started_report; /* a start report went to sparkd */
+	/* the end: written by outcome.c, kept until confirmed and written again after a reconnect */
+	enum outcome_kind out;
+	const char *report_outcome; /* success failure retry revoked requeued */
+	bool counted;               /* counts as processed */
+	char *out_meta;             /* the meta to store (NULL: none) */
+	char *out_env;              /* OUT_RETRY: the retry envelope; OUT_REQUEUE: the marked one */
+	double out_at;              /* OUT_RETRY, OUT_PARK: the ETA score */
+	char *out_reason;           /* OUT_DEADLETTER */
+	int out_phase;              /* outcome.c's phase being written */
+	int out_pending;            /* replies outstanding for the phase */
+	bool out_exec;              /* the phase ends with EXEC */
+	bool out_lost;              /* a reply was lost: write the phase again once reconnected */
+	bool out_resent;            /* written again after a lost reply: the guarded writer from now on */
+	bool out_confirmed;         /* every phase confirmed */
+	bool task_ended;            /* an abandoned job's task has called done */
+	int record_pending;         /* replies of kombu's records outstanding */
+	int slot_reported;          /* the slot in its start report */
 };
-
-void rconn_init(struct rconn *rc, struct worker *w, const struct redis_url *url, const char *what);
-void rconn_close(struct rconn *rc);
-/* Connect until it works or *abort becomes nonzero (abort may be NULL: at most max_wait seconds, <0 = forever).
- * 0 when connected. */
-int rconn_ensure(struct rconn *rc, const atomic_int *abort, double max_wait);
-/* Run a command; NULL when the connection failed (it is dropped, reconnect with rconn_ensure). */
-redisReply *rconn_command(struct rconn *rc, const char *fmt, ...);
-redisReply *rconn_argv(struct rconn *rc, int argc, const char **argv, const size_t *lens);
-/* Send an EVALSHA without reading its reply; rconn_collect() reads it later. 0 or -1 (connection dropped). */
-int rconn_eval_send(struct rconn *rc, enum script_id id, int nkeys, int nargs, const char **argv, const size_t *lens);
-/* Read one pending reply: 0 for a non-error reply, -1 otherwise (the connection is dropped). */
-int rconn_collect(struct rconn *rc);
-/* Send one plain command without waiting (counted in rc->pending). 0 or -1. */
-int rconn_send(struct rconn *rc, int argc, const char **argv, const size_t *lens);
-/* Write what was queued now, without reading replies (hiredis writes only when a reply is read). 0 or -1. */
-int rconn_flush(struct rconn *rc);
-redisReply *rconn_eval(struct rconn *rc, enum script_id id, int nkeys, int nargs, const char **argv,
-                       const size_t *lens);
-
-void held_free(struct held *h);
-/* 1 = a message is held in h, 0 = nothing arrived, -1 = connection failed. */
-/* Take one message (1), none (0) or -1 (connection). Commands queued on rc (a finish) go out with the fetch;
- * *queued_ok tells whether they were all carried out (their last reply, EXEC's, an array). */
-int broker_fetch(struct rconn *rc, struct held *h, bool *queued_ok);
-/* Only the first step of a fetch, for a slot with a queued finish: the finish and a plain LMOVE of the first key
- * in one round trip, so the finish is confirmed before any blocking wait. 1, 0 or -1 as broker_fetch. */
-int broker_fetch_queued(struct rconn *rc, struct held *h, bool *queued_ok);
-/* Read the replies of queued commands: 0 when all were carried out, -1 otherwise. */
-int broker_read_queued(struct rconn *rc);
-/* After a reconnect: put back what this process's lists hold beyond keep[] (a fetch whose reply was lost left it
- * there, unknown to every slot). Call with the fetch lock held for writing. Messages put back, or -1. */
-int broker_reconcile(struct rconn *rc, const struct held *keep, int nkeep);
-int broker_finish_plain_send(struct rconn *rc, const struct held *h, const char *task_id, const char *meta,
-                             int backend_db);
-/* Each returns 0 when done, -1 when the connection failed (retry after rconn_ensure). */
-int broker_ack(struct rconn *rc, const struct held *h);
-/* Store the result meta (in backend_db) and ack, atomically, on the broker connection: for a result backend on
- * the broker's own server. 0 or -1 (connection). */
-int broker_finish(struct rconn *rc, const struct held *h, const char *task_id, const char *meta, int backend_db);
-/* The same as one MULTI/EXEC of plain commands, without the SUCCESS guard: for a first delivery, where the only
- * meta that can exist is this run's STARTED. meta NULL: the ack alone. 0 or -1 (connection). */
-int broker_finish_plain(struct rconn *rc, const struct held *h, const char *task_id, const char *meta, int backend_db);
-/* Queue kombu's unacked records of a message taken by the plain LMOVE (no round trip of its own). */
-int broker_record_send(struct rconn *rc, struct held *h, const char *tag, const char *exchange,
-                       const char *routing_key);
-int broker_deadletter(struct rconn *rc, const struct held *h, const char *reason);
-int broker_park(struct rconn *rc, const struct held *h, double at);
-int broker_requeue(struct rconn *rc, const struct held *h);
-int broker_publish_eta(struct rconn *rc, const char *qkey, const char *raw, double at);
-int broker_register(struct rconn *rc);
-int broker_refresh(struct rconn *rc);
-int broker_move_due(struct rconn *rc);
-int broker_recover_dead(struct rconn *rc);
-int broker_restore_unacked(struct rconn *rc);
-int broker_unregister(struct rconn *rc);
-
-/* ---- result.c ---- */
-
-/* {"exc_type", "exc_message": [message], "exc_module"} (new reference). */
-json_t *result_exception(const char *module, const char *type, const char *message);
-/* Store Celery meta unless a SUCCESS is already there. result is stolen (NULL = null). 0 or -1 (connection). */
-int result_store(struct rconn *rc, const char *task_id, const char *status, json_t *result, const char *traceback,
-                 const struct message *m);
-/* The meta JSON text (caller frees; NULL only on OOM). result is stolen. */
-char *result_meta_text(const char *task_id, const char *status, json_t *result, const char *traceback,
-                       const struct message *m);
-int result_store_text(struct rconn *rc, const char *task_id, const char *text);
-/* Queue the store on the connection without waiting for its reply (rconn_collect reads it). 0 or -1. */
-int result_store_send(struct rconn *rc, const char *task_id, const char *text);
-/* SETEX + PUBLISH as plain commands, without the SUCCESS guard: for a message's first delivery, where nothing
- * but this run's own STARTED can be stored yet. _send queues them; the other waits for the replies. */
-int result_store_plain_send(struct rconn *rc, const char *task_id, const char *text);
-int result_store_plain(struct rconn *rc, const char *task_id, const char *text);
-/* The same on another connection to the backend's server, in database db (SELECTed there and back). */
-int result_store_plain_send_in(struct rconn *rc, const char *task_id, const char *text, int db);
-
-/* ---- engine.c ---- */
-
-enum slot_state {
-	SLOT_IDLE = 0,
-	SLOT_HELD,      /* fetched, not started */
-	SLOT_RUNNING,   /* the task function runs */
-	SLOT_FINISHING, /* the slot records the outcome */
-	SLOT_CLAIMED,   /* the main thread took the message over (hard limit, cold stop): the slot must not touch it */
-};
-
-/* A finished task whose result and ack were queued on the broker connection: they go out with the next fetch
- * (one round trip for both) and are confirmed by it, or written again synchronously. */
-struct finishing {
-	bool active;
-	struct held h;
-	char *task_id;
-	char *meta; /* NULL: the ack alone */
-	int backend_db;
-	const char *outcome;
-};
-
-struct slot {
-	struct worker *w;
-	int idx;
-	pthread_t thread;
-	bool started;
-	struct rconn broker, backend;
-	pthread_mutex_t mu; /* guards everything below except cancel */
-	enum slot_state state;
-	struct held held;
-	char task_id[128];
-	char task_name[256];
-	double started_at, soft_at, hard_at; /* monotonic; 0 = none */
-	double soft_s, hard_s;
-	bool soft_fired;
-	bool store_result; /* the running task's outcome goes to the result backend */
-	atomic_int cancel; /* enum task_cancel, seen by the task through task_run.cancel */
-	struct finishing fin;
-	char deferred_report[256]; /* a finish report that travels with the next start */
-};
+TAILQ_HEAD(jobq, job);
 
 struct worker {
 	const struct spark_config *cfg;
@@ -270,34 +283,136 @@ struct worker {
 	int nslots;
 	char host[256];
 	long pid;
+	struct event_base *base;
+	struct reporter rep;
 	char *proc_key, *landing_key, *alive_key;
 	char **qkeys; /* every priority key of every queue, priority-major (kombu's order) */
 	char **qnames;
 	int nqkeys;
-	struct slot *slots;
-	struct rconn ctl, ctl_backend; /* main thread: start-up, hard limit, cold stop */
 
-	atomic_int stop; /* stop fetching: warm stop or recycle */
-	atomic_int cold; /* cold stop: cancel running tasks, put them back */
-	atomic_int hk_stop;
-	atomic_int live_slots;
-	atomic_int down; /* connections currently down (for the "problem" report) */
-	atomic_int recycle_sent;
-	atomic_int draining_sent;
-	atomic_long processed;
-	pthread_t housekeeper;
-	bool hk_started;
-	bool backend_on_broker; /* result backend on the broker's server: result + ack in one call */
-	/* fetches hold it for reading from the command to the slot's held record; a slot that reconnected takes
-	 * it for writing to find messages a lost reply left in the process's lists */
-	pthread_rwlock_t fetch_lock;
+	struct rpipe broker;  /* every broker command */
+	struct rpipe notify;  /* invalidations of the queue keys: the idle wait */
+	struct rpipe backend; /* only when the result backend is another server */
+	bool backend_on_broker;
+	int down;          /* connections currently down (for the "problem" report) */
+	char problem[400]; /* why the last one went down */
+
+	struct jobq jobs; /* every message this process holds */
+	int njobs;
+	int running;           /* jobs in a slot */
+	struct job **slots;    /* nslots entries: the job in each slot, or NULL */
+	int max_held;          /* nslots x prefetch multiplier */
+
+	/* fetch.c */
+	int fetching;       /* fetch commands outstanding */
+	int writing;        /* jobs in JOB_WRITING */
+	long long *probe_len; /* nqkeys: the last LLEN of each key */
+	bool batch_probe;   /* the batch in flight carries a probe */
+	bool batch_dry;     /* an LMOVE of the batch found its key empty */
+	double next_probe;  /* monotonic; 0 = probe with the next batch, alone */
+	bool fetch_idle;    /* the last fetch found nothing: wait for an invalidation */
+	bool tracking;      /* CLIENT TRACKING is on for the current broker and notify connections */
+	bool reconciling;   /* after a reconnect: no fetch until the processing list is reconciled */
+	unsigned fetch_gen; /* broker generation the last reconcile ran for */
+	int fast_key;       /* the priority-0 key plain LMOVEs take from */
+	struct event *poll_ev;
+
+	/* loop.c */
+	bool stop;      /* no more fetching: warm stop, recycle, hard limit */
+	bool cold;      /* cold stop: cancel running tasks, put them back */
+	bool recycling; /* "recycle" reported */
+	bool draining_sent;
+	bool ready_sent;
+	bool started; /* start-up sweeps done, consuming */
+	double cold_at;
+	int sigints;
+	long processed;
+	long rss_kib;
+	long rss_checked_at; /* processed when memory was last checked */
+	uint64_t rng;
+	double reports_at; /* monotonic: the last report flush */
+	struct event *report_ev;
+	struct event *tick_ev; /* end of tick: flush reports, check memory */
+	struct event *sig_ev[4];
+	struct event *housekeeping_ev;
+	struct event *exit_ev;
+	int exit_status;
+	struct sbuf meta; /* reused meta buffer */
+	struct sbuf scratch;
+
+	/* sweep*.c */
+	double next_due, next_refresh, next_recover, next_sweep, next_queues;
+	bool due_running, refresh_running, queues_running, recover_running, unacked_running;
+	long long *qlen_acc; /* nqueues: lengths summed over priority keys */
+	struct dead_scan *dead_scan;
+	void (*startup_done)(struct worker *w, bool ok);
 };
 
+/* loop.c */
 int engine_init(struct worker *w, const struct spark_config *cfg, const char *node, int nslots);
-/* Run until stopped; returns the exit status. */
-int engine_run(struct worker *w);
+int engine_run(struct worker *w); /* until stopped; the exit status */
 void engine_free(struct worker *w);
-/* Stop fetching and exit once in-flight tasks are done ("recycle <reason>" is reported once). */
 void engine_recycle(struct worker *w, const char *reason);
+void engine_tick(struct worker *w);         /* ask for an end-of-tick flush */
+void engine_maybe_exit(struct worker *w);   /* stopping and nothing held: unregister and leave */
+void engine_conn_state(struct worker *w);   /* a connection went down or up: report it */
+void engine_flush_reports(struct worker *w, bool now);
+
+/* fetch.c */
+void fetch_kick(struct worker *w);          /* fetch for free capacity, if any */
+void fetch_on_broker_up(struct worker *w);  /* reconcile, tracking, then fetch */
+void fetch_on_broker_down(struct worker *w);
+void fetch_on_notify_up(struct worker *w);
+void fetch_on_notify_down(struct worker *w);
+void fetch_on_invalidate(struct worker *w, const char *key, size_t len);
+
+/* job.c */
+struct job *job_new(struct worker *w, const char *qkey, const char *raw, size_t len, const char *tag,
+                    bool unrecorded);
+void job_free(struct job *j);
+void job_dispatch(struct worker *w);  /* start reserved jobs in free slots */
+void job_cancel_all(struct worker *w, enum task_cancel why);
+void job_abandon_running(struct worker *w); /* cold stop, grace over: put back what still runs */
+void job_requeue_reserved(struct worker *w); /* warm stop: put back what has not started */
+
+/* outcome.c */
+void outcome_write(struct job *j);          /* write j's end (j->out set); frees j once confirmed */
+void outcome_resend(struct worker *w);      /* after a reconnect: write again every end whose reply was lost */
+/* The meta store for a job's start (STARTED), on the right connection, without waiting. */
+void outcome_started(struct job *j);
+/* kombu's unacked records for a job taken by a plain LMOVE (no round trip of its own). */
+void outcome_record(struct job *j);
+
+/* sweep.c: a chain of async commands whose replies are all needed before the next step */
+struct chain {
+	struct worker *w;
+	void (*done)(struct worker *w, bool ok);
+	int pending;
+	bool failed;
+	bool *running; /* the flag of the chain kind, cleared at the end */
+	int step;      /* callbacks of a multi-reply step count themselves here */
+};
+struct chain *chain_new(struct worker *w, void (*done)(struct worker *w, bool ok), bool *running);
+void chain_end(struct chain *c);
+bool chain_reply(struct chain *c, redisReply *r); /* true when it was the step's last reply */
+int chain_send(struct chain *c, rpipe_cb cb, int argc, const char **argv, const size_t *lens);
+int chain_eval(struct chain *c, rpipe_cb cb, enum script_id id, int nkeys, int nargs, const char **argv,
+               const size_t *lens);
+void chain_last_cb(struct rpipe *p, redisReply *r, void *arg);
+void chain_end_if_idle(struct chain *c);
+
+void sweep_register(struct worker *w, void (*done)(struct worker *w, bool ok));
+void sweep_startup(struct worker *w, void (*done)(struct worker *w, bool ok)); /* recover dead, restore unacked */
+void sweep_tick(struct worker *w); /* the periodic chains that are due */
+void sweep_unregister(struct worker *w, void (*done)(struct worker *w, bool ok));
+/* Reconcile the process's processing list with the jobs it holds: put back what no job holds. */
+void sweep_reconcile(struct worker *w, void (*done)(struct worker *w, bool ok));
+
+/* sweep-recover.c, sweep-unacked.c */
+struct dead_scan;
+int sweep_requeue_raw(struct chain *c, const char *list, bool landing, const char *raw, size_t len);
+void sweep_recover_dead(struct worker *w, void (*done)(struct worker *w, bool ok));
+void sweep_recover_member(struct worker *w, struct dead_scan *d);
+void sweep_restore_unacked(struct worker *w, void (*done)(struct worker *w, bool ok));
 
 #endif
