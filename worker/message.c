@@ -1,4 +1,10 @@
-/* Celery task messages (protocol v2, and v1 as sent with task_protocol=1): decoding, retries, key names. */
+/*
+ * Celery task messages (protocol v2, and v1 as sent with task_protocol=1): the envelope scan, retries, key names.
+ *
+ * The hot path builds no DOM: jscan (jsmn, checked strictly) tokenizes the envelope and the body, the fields are
+ * read from the tokens, and the strings a worker keeps are copied (unescaped) into one allocation per message.
+ * Accepted and refused messages, reasons and exc_types are those of the jansson decoder this replaced.
+ */
 #include <ctype.h>
 #include <math.h>
 #include <stdint.h>
@@ -9,6 +15,7 @@
 #include <sys/random.h>
 #include <time.h>
 
+#include "jscan.h"
 #include "log.h"
 #include "util.h"
 #include "worker.h"
@@ -141,42 +148,6 @@ message_format_iso(double t, bool aware, char *buf, size_t len)
 	         tm.tm_hour, tm.tm_min, tm.tm_sec, usec, aware ? "+00:00" : "");
 }
 
-static int bad(struct message *m, const char *exc_type, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-
-static int
-bad(struct message *m, const char *exc_type, const char *fmt, ...)
-{
-	va_list ap;
-	va_start(ap, fmt);
-	vsnprintf(m->reason, sizeof m->reason, fmt, ap);
-	va_end(ap);
-	spark_strlcpy(m->exc_type, exc_type, sizeof m->exc_type);
-	return -1;
-}
-
-static const char *
-str_or_empty(json_t *o, const char *key)
-{
-	const char *s = json_string_value(json_object_get(o, key));
-	return s ? s : "";
-}
-
-/* A header time value: ISO string, or null/absent (0). */
-static int
-time_field(json_t *v, double *out)
-{
-	*out = 0;
-	if (v == NULL || json_is_null(v))
-		return 0;
-	if (json_is_string(v))
-		return message_parse_iso(json_string_value(v), out);
-	if (json_is_number(v)) { /* never sent by Celery 5, but harmless to accept */
-		*out = json_number_value(v);
-		return 0;
-	}
-	return -1;
-}
-
 /* Base64 here rather than libcrypto's EVP_*Block: loading libcrypto cost every worker process ~1.6 MiB RSS. */
 static const char b64_alphabet[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
@@ -196,27 +167,26 @@ b64_value(unsigned char c)
 	return -1;
 }
 
-unsigned char *
-message_b64_decode(const char *s, size_t len, size_t *outlen)
+/* out may be s itself: each quantum is read whole before its bytes are written, and output never passes input */
+static int
+b64_decode_into(const char *s, size_t len, unsigned char *out, size_t *outlen)
 {
 	while (len > 0 && isspace((unsigned char)s[len - 1]))
 		len--;
 	while (len > 0 && isspace((unsigned char)*s))
 		s++, len--;
 	if (len % 4 != 0 || len > (size_t)1 << 30)
-		return NULL;
+		return -1;
 	size_t pad = len >= 1 && s[len - 1] == '=' ? (len >= 2 && s[len - 2] == '=' ? 2 : 1) : 0;
-	unsigned char *out = xmalloc(len / 4 * 3 + 1), *o = out;
+	unsigned char *o = out;
 	for (size_t i = 0; i < len; i += 4) {
 		/* '=' only as the padding of the last quantum, never in the middle */
 		size_t data = i + 4 == len ? 4 - pad : 4;
 		uint32_t v = 0;
 		for (size_t k = 0; k < 4; k++) {
 			int d = k < data ? b64_value((unsigned char)s[i + k]) : 0;
-			if (d < 0) {
-				free(out);
-				return NULL;
-			}
+			if (d < 0)
+				return -1;
 			v = v << 6 | (uint32_t)d;
 		}
 		*o++ = (unsigned char)(v >> 16);
@@ -226,7 +196,18 @@ message_b64_decode(const char *s, size_t len, size_t *outlen)
 			*o++ = (unsigned char)v;
 	}
 	*outlen = (size_t)(o - out);
-	*o = '\0';
+	return 0;
+}
+
+unsigned char *
+message_b64_decode(const char *s, size_t len, size_t *outlen)
+{
+	unsigned char *out = xmalloc(len / 4 * 3 + 1);
+	if (b64_decode_into(s, len, out, outlen) < 0) {
+		free(out);
+		return NULL;
+	}
+	out[*outlen] = '\0';
 	return out;
 }
 
@@ -246,16 +227,291 @@ message_b64_encode(const unsigned char *p, size_t len)
 	return out;
 }
 
-static void
-read_timelimit(json_t *tl, struct message *m)
+/* ---- the decoder ---- */
+
+struct decode {
+	struct message *m;
+	size_t used, cap; /* of m->store */
+	struct jscan env, body;
+	jsmntok_t env_tok[JSCAN_STACK_TOKENS], body_tok[JSCAN_STACK_TOKENS];
+};
+
+/* The string at token i, unescaped into the store; NULL when it is not a string. The store is sized for each
+ * string token copied at most once (decode_envelope). */
+static const char *
+decode_str(struct decode *d, const struct jscan *s, int i)
 {
-	if (!json_is_array(tl))
+	if (!jscan_is(s, i, JSMN_STRING))
+		return NULL;
+	const char *p = s->js + s->tok[i].start;
+	size_t n = (size_t)(s->tok[i].end - s->tok[i].start);
+	if (d->used + n + 1 > d->cap)
+		fatalx("message store overflow (%zu + %zu > %zu)", d->used, n + 1, d->cap);
+	char *out = d->m->store + d->used;
+	if (memchr(p, '\\', n) != NULL)
+		n = jscan_unescape(p, n, out);
+	else
+		memcpy(out, p, n);
+	out[n] = '\0';
+	d->used += n + 1;
+	return out;
+}
+
+static const char *
+decode_str_or_empty(struct decode *d, const struct jscan *s, int i)
+{
+	const char *v = decode_str(d, s, i);
+	return v ? v : "";
+}
+
+static int bad(struct message *m, const char *exc_type, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
+static int
+bad(struct message *m, const char *exc_type, const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(m->reason, sizeof m->reason, fmt, ap);
+	va_end(ap);
+	spark_strlcpy(m->exc_type, exc_type, sizeof m->exc_type);
+	return -1;
+}
+
+/* An id too long to name a result is dropped, so that no FAILURE meta is written under it. */
+static int
+decode_limits(struct message *m)
+{
+	if (m->task_id != NULL && strlen(m->task_id) > MESSAGE_MAX_ID) {
+		m->task_id = NULL;
+		return bad(m, "ValueError", "task id is longer than %d bytes (MESSAGE_MAX_ID)", MESSAGE_MAX_ID);
+	}
+	if (m->task_name != NULL && strlen(m->task_name) > MESSAGE_MAX_NAME)
+		return bad(m, "ValueError", "task name is longer than %d bytes (MESSAGE_MAX_NAME)", MESSAGE_MAX_NAME);
+	return 0;
+}
+
+/* A time value: ISO string, or null/absent (0); a number is never sent by Celery 5, but harmless to accept. */
+static int
+decode_time(struct decode *d, const struct jscan *s, int i, double *out)
+{
+	*out = 0;
+	if (i < 0 || jscan_null(s, i))
+		return 0;
+	if (jscan_is(s, i, JSMN_STRING))
+		return message_parse_iso(decode_str(d, s, i), out);
+	if (jscan_number(s, i)) {
+		*out = jscan_double(s, i);
+		return 0;
+	}
+	return -1;
+}
+
+/* timelimit [hard, soft]: numbers >= 0 count, null or anything else leaves the limit unset */
+static void
+decode_timelimit(const struct jscan *s, int tl, struct message *m)
+{
+	if (!jscan_is(s, tl, JSMN_ARRAY))
 		return;
-	json_t *hard = json_array_get(tl, 0), *soft = json_array_get(tl, 1);
-	if (json_is_number(hard) && json_number_value(hard) >= 0)
-		m->hard_limit = json_number_value(hard);
-	if (json_is_number(soft) && json_number_value(soft) >= 0)
-		m->soft_limit = json_number_value(soft);
+	int hard = s->tok[tl].size > 0 ? tl + 1 : -1;
+	int soft = s->tok[tl].size > 1 ? jscan_after(s, tl + 1) : -1;
+	if (jscan_number(s, hard) && jscan_double(s, hard) >= 0)
+		m->hard_limit = jscan_double(s, hard);
+	if (jscan_number(s, soft) && jscan_double(s, soft) >= 0)
+		m->soft_limit = jscan_double(s, soft);
+}
+
+enum { T_PROPS, T_HEADERS, T_BODY, T_CTYPE, T_CENC, T_N };
+static const char *const top_names[T_N] = {"properties", "headers", "body", "content-type", "content-encoding"};
+enum { P_TAG, P_INFO, P_PRIORITY, P_CORRELATION, P_BENC, P_N };
+static const char *const props_names[P_N] = {"delivery_tag", "delivery_info", "priority", "correlation_id",
+                                             "body_encoding"};
+enum { I_EXCHANGE, I_ROUTING, I_REDELIVERED, I_N };
+static const char *const info_names[I_N] = {"exchange", "routing_key", "redelivered"};
+enum {
+	H_ID,
+	H_TASK,
+	H_REDELIVERED,
+	H_COMPRESSION,
+	H_RETRIES,
+	H_ETA,
+	H_EXPIRES,
+	H_TIMELIMIT,
+	H_IGNORE,
+	H_PARENT,
+	H_GROUP,
+	H_N
+};
+static const char *const headers_names[H_N] = {"id",      "task",      "redelivered",   "compression", "retries", "eta",
+                                               "expires", "timelimit", "ignore_result", "parent_id",   "group"};
+/* protocol v1: the task fields live in the body */
+enum { B_TASK, B_ID, B_ARGS, B_KWARGS, B_RETRIES, B_ETA, B_EXPIRES, B_TIMELIMIT, B_N };
+static const char *const v1_names[B_N] = {"task", "id", "args", "kwargs", "retries", "eta", "expires", "timelimit"};
+
+/* The body: decoded into the store and scanned there, followed by a space while it is scanned (jsmn ends a
+ * number only at a delimiter, and jansson took a bare "5" as a body) and a NUL. */
+static int
+decode_body(struct decode *d, int body, const char *benc)
+{
+	struct message *m = d->m;
+	const jsmntok_t *t = &d->env.tok[body];
+	const char *src = d->env.js + t->start;
+	size_t n = (size_t)(t->end - t->start), blen;
+	if (d->used + n + 2 > d->cap)
+		fatalx("message store overflow (%zu + %zu > %zu)", d->used, n + 2, d->cap);
+	char *out = m->store + d->used;
+	bool escaped = memchr(src, '\\', n) != NULL;
+	if (benc != NULL && strcmp(benc, "base64") == 0) {
+		if (escaped) {
+			n = jscan_unescape(src, n, out);
+			src = out;
+		}
+		if (b64_decode_into(src, n, (unsigned char *)out, &blen) < 0)
+			return bad(m, "ValueError", "body is not valid base64");
+	} else if (benc == NULL || strcmp(benc, "utf-8") == 0) {
+		if (escaped) {
+			blen = jscan_unescape(src, n, out);
+		} else {
+			memcpy(out, src, n);
+			blen = n;
+		}
+	} else {
+		return bad(m, "ValueError", "body_encoding %.100s is not supported", benc);
+	}
+	out[blen] = ' ';
+	out[blen + 1] = '\0';
+	d->used += blen + 2;
+	m->body = out;
+	m->body_len = blen;
+	int r = jscan_run(&d->body, out, blen + 1, d->body_tok, JSCAN_STACK_TOKENS);
+	/* scanned: a C string from now on (every number still to read is inside a container, ended by a delimiter) */
+	out[blen] = '\0';
+	if (r == -2)
+		return bad(m, "ValueError", "body has more than %d JSON tokens", JSCAN_MAX_TOKENS);
+	if (r < 0)
+		return bad(m, "ValueError", "body is not JSON: %s", d->body.err);
+	return 0;
+}
+
+static int
+decode_envelope(struct decode *d, const char *raw, size_t len)
+{
+	struct message *m = d->m;
+	struct jscan *e = &d->env, *b = &d->body;
+	int r = jscan_run(e, raw, len, d->env_tok, JSCAN_STACK_TOKENS);
+	if (r == -2)
+		return bad(m, "ValueError", "envelope has more than %d JSON tokens", JSCAN_MAX_TOKENS);
+	if (r < 0)
+		return bad(m, "ValueError", "envelope is not JSON: %s", e->err);
+	if (e->tok[0].type == JSMN_STRING)
+		return bad(m, "ValueError", "envelope is not JSON: '[' or '{' expected");
+	if (e->tok[0].type != JSMN_OBJECT)
+		return bad(m, "ValueError", "envelope is not a JSON object");
+
+	int top[T_N], pw[P_N], iw[I_N], hw[H_N];
+	jscan_pick(e, 0, top_names, top, T_N);
+	int props = jscan_is(e, top[T_PROPS], JSMN_OBJECT) ? top[T_PROPS] : -1;
+	int headers = jscan_is(e, top[T_HEADERS], JSMN_OBJECT) ? top[T_HEADERS] : -1;
+	int body = jscan_is(e, top[T_BODY], JSMN_STRING) ? top[T_BODY] : -1;
+	jscan_pick(e, props, props_names, pw, P_N);
+	jscan_pick(e, pw[P_INFO], info_names, iw, I_N);
+	jscan_pick(e, headers, headers_names, hw, H_N);
+
+	/* One allocation: every string copied from the envelope fits in the bytes of its token and its quotes, the
+	 * body in its token's; the strings of a v1 body fit in the body's size once more. */
+	size_t body_span = body >= 0 ? (size_t)(e->tok[body].end - e->tok[body].start) : 0;
+	bool maybe_v1 = !jscan_is(e, hw[H_TASK], JSMN_STRING);
+	d->cap = len + 2 + (maybe_v1 ? body_span + 1 : 0);
+	m->store = xmalloc(d->cap);
+
+	m->delivery_tag = decode_str_or_empty(d, e, pw[P_TAG]);
+	m->exchange = decode_str_or_empty(d, e, iw[I_EXCHANGE]);
+	m->routing_key = decode_str_or_empty(d, e, iw[I_ROUTING]);
+	long long v;
+	if (jscan_integer(e, pw[P_PRIORITY], &v))
+		m->priority = (int)v;
+	m->redelivered = jscan_true(e, iw[I_REDELIVERED]) || jscan_true(e, hw[H_REDELIVERED]);
+	m->task_id = decode_str(d, e, hw[H_ID]);
+	m->task_name = decode_str(d, e, hw[H_TASK]);
+	m->parent_id = decode_str(d, e, hw[H_PARENT]);
+	m->group_id = decode_str(d, e, hw[H_GROUP]);
+	if (m->task_id == NULL)
+		m->task_id = decode_str(d, e, pw[P_CORRELATION]);
+	if (decode_limits(m) < 0)
+		return -1;
+
+	if (headers < 0)
+		return bad(m, "ValueError", "message has no headers");
+	const char *ctype = decode_str(d, e, top[T_CTYPE]);
+	if (ctype != NULL && strcmp(ctype, "application/json") != 0)
+		return bad(m, "ValueError", "content-type %.100s is not supported (only application/json)", ctype);
+	if (hw[H_COMPRESSION] >= 0)
+		return bad(m, "ValueError", "compressed bodies are not supported");
+	const char *cenc = decode_str(d, e, top[T_CENC]);
+	if (cenc != NULL && strcasecmp(cenc, "utf-8") != 0 && strcasecmp(cenc, "utf8") != 0)
+		return bad(m, "ValueError", "content-encoding %.100s is not supported (only utf-8)", cenc);
+	if (body < 0)
+		return bad(m, "ValueError", "message has no body");
+	if (decode_body(d, body, decode_str(d, e, pw[P_BENC])) < 0)
+		return -1;
+
+	int bw[B_N];
+	jscan_pick(b, m->task_name == NULL ? 0 : -1, v1_names, bw, B_N);
+	const struct jscan *f; /* where retries, eta and expires are */
+	int args, kwargs, retries, eta, expires;
+	if (m->task_name == NULL && jscan_is(b, bw[B_TASK], JSMN_STRING)) {
+		m->v1 = true;
+		m->task_name = decode_str(d, b, bw[B_TASK]);
+		m->task_id = decode_str(d, b, bw[B_ID]);
+		if (decode_limits(m) < 0)
+			return -1;
+		f = b;
+		args = bw[B_ARGS];
+		kwargs = bw[B_KWARGS];
+		retries = bw[B_RETRIES];
+		eta = bw[B_ETA];
+		expires = bw[B_EXPIRES];
+		decode_timelimit(b, bw[B_TIMELIMIT], m);
+	} else {
+		if (m->task_name == NULL)
+			return bad(m, "ValueError", "message has no task header");
+		if (b->tok[0].type != JSMN_ARRAY || b->tok[0].size < 2)
+			return bad(m, "ValueError", "body is not [args, kwargs, embed]");
+		f = e;
+		args = 1;
+		kwargs = jscan_after(b, 1);
+		retries = hw[H_RETRIES];
+		eta = hw[H_ETA];
+		expires = hw[H_EXPIRES];
+		decode_timelimit(e, hw[H_TIMELIMIT], m);
+		m->ignore_result = jscan_true(e, hw[H_IGNORE]);
+	}
+	if (m->task_id == NULL)
+		return bad(m, "ValueError", "message has no task id");
+	if (args < 0) { /* v1 without args: the decoder always took it as empty */
+		m->args_json = "[]";
+		m->args_len = 2;
+	} else if (!jscan_is(b, args, JSMN_ARRAY)) {
+		return bad(m, "TypeError", "args must be a list");
+	} else {
+		m->args_json = jscan_span(b, args, &m->args_len);
+		if (b->tok[args].size > 0)
+			m->arg0_json = jscan_span(b, args + 1, &m->arg0_len);
+	}
+	if (kwargs < 0) {
+		m->kwargs_json = "{}";
+		m->kwargs_len = 2;
+	} else if (!jscan_is(b, kwargs, JSMN_OBJECT)) {
+		return bad(m, "TypeError", "kwargs must be a dict");
+	} else {
+		m->kwargs_json = jscan_span(b, kwargs, &m->kwargs_len);
+	}
+	if (jscan_integer(f, retries, &v) && v > 0 && v < 1000000)
+		m->retries = (int)v;
+	if (decode_time(d, f, eta, &m->eta) < 0)
+		return bad(m, "ValueError", "eta is not an ISO 8601 time");
+	if (decode_time(d, f, expires, &m->expires) < 0)
+		return bad(m, "ValueError", "expires is not an ISO 8601 time");
+	return 0;
 }
 
 int
@@ -264,124 +520,67 @@ message_decode(const char *raw, size_t len, struct message *m)
 	memset(m, 0, sizeof *m);
 	m->hard_limit = m->soft_limit = -1;
 	m->exchange = m->routing_key = m->delivery_tag = "";
+	struct decode d;
+	d.m = m;
+	d.used = d.cap = 0;
+	d.env.heap = d.body.heap = NULL;
+	int rv = decode_envelope(&d, raw, len);
+	jscan_free(&d.env);
+	jscan_free(&d.body);
+	return rv;
+}
+
+int
+message_dom(struct message *m, const char *raw, size_t len)
+{
 	json_error_t jerr;
-	m->env = json_loadb(raw, len, 0, &jerr);
-	if (m->env == NULL)
-		return bad(m, "ValueError", "envelope is not JSON: %s", jerr.text);
-	if (!json_is_object(m->env))
-		return bad(m, "ValueError", "envelope is not a JSON object");
-
-	json_t *props = json_object_get(m->env, "properties");
-	if (json_is_object(props)) {
-		m->delivery_tag = str_or_empty(props, "delivery_tag");
-		json_t *di = json_object_get(props, "delivery_info");
-		m->exchange = str_or_empty(di, "exchange");
-		m->routing_key = str_or_empty(di, "routing_key");
-		json_t *pr = json_object_get(props, "priority");
-		if (json_is_integer(pr))
-			m->priority = (int)json_integer_value(pr);
-		if (json_is_true(json_object_get(di, "redelivered")))
-			m->redelivered = true;
+	if (m->args_json == NULL || m->kwargs_json == NULL)
+		return bad(m, "ValueError", "message_dom: the message was not decoded");
+	if (m->args == NULL && (m->args = json_loadb(m->args_json, m->args_len, 0, &jerr)) == NULL)
+		return bad(m, "ValueError", "args are not JSON: %s", jerr.text);
+	if (m->kwargs == NULL && (m->kwargs = json_loadb(m->kwargs_json, m->kwargs_len, 0, &jerr)) == NULL)
+		return bad(m, "ValueError", "kwargs are not JSON: %s", jerr.text);
+	if (m->headers != NULL)
+		return 0;
+	static const char *const names[] = {"headers"};
+	struct jscan s;
+	jsmntok_t tok[JSCAN_STACK_TOKENS];
+	int h = -1;
+	if (jscan_run(&s, raw, len, tok, JSCAN_STACK_TOKENS) == 0)
+		jscan_pick(&s, 0, names, &h, 1);
+	if (jscan_is(&s, h, JSMN_OBJECT)) {
+		size_t n;
+		const char *p = jscan_span(&s, h, &n);
+		m->headers = json_loadb(p, n, 0, &jerr);
 	}
-	m->headers = json_object_get(m->env, "headers");
-	if (json_is_object(m->headers)) {
-		m->task_id = json_string_value(json_object_get(m->headers, "id"));
-		m->task_name = json_string_value(json_object_get(m->headers, "task"));
-		if (json_is_true(json_object_get(m->headers, "redelivered")))
-			m->redelivered = true;
-	}
-	if (m->task_id == NULL && json_is_object(props))
-		m->task_id = json_string_value(json_object_get(props, "correlation_id"));
-
-	if (!json_is_object(m->headers))
-		return bad(m, "ValueError", "message has no headers");
-	const char *ctype = json_string_value(json_object_get(m->env, "content-type"));
-	if (ctype != NULL && strcmp(ctype, "application/json") != 0)
-		return bad(m, "ValueError", "content-type %.100s is not supported (only application/json)", ctype);
-	if (json_object_get(m->headers, "compression") != NULL)
-		return bad(m, "ValueError", "compressed bodies are not supported");
-	const char *cenc = json_string_value(json_object_get(m->env, "content-encoding"));
-	if (cenc != NULL && strcasecmp(cenc, "utf-8") != 0 && strcasecmp(cenc, "utf8") != 0)
-		return bad(m, "ValueError", "content-encoding %.100s is not supported (only utf-8)", cenc);
-
-	json_t *jbody = json_object_get(m->env, "body");
-	if (!json_is_string(jbody))
-		return bad(m, "ValueError", "message has no body");
-	const char *benc = json_is_object(props) ? json_string_value(json_object_get(props, "body_encoding")) : NULL;
-	if (benc != NULL && strcmp(benc, "base64") == 0) {
-		size_t blen;
-		unsigned char *dec = message_b64_decode(json_string_value(jbody), json_string_length(jbody), &blen);
-		if (dec == NULL)
-			return bad(m, "ValueError", "body is not valid base64");
-		m->body = json_loadb((const char *)dec, blen, JSON_DECODE_ANY, &jerr);
-		free(dec);
-	} else if (benc == NULL || strcmp(benc, "utf-8") == 0) {
-		m->body = json_loadb(json_string_value(jbody), json_string_length(jbody), JSON_DECODE_ANY, &jerr);
-	} else {
-		return bad(m, "ValueError", "body_encoding %.100s is not supported", benc);
-	}
-	if (m->body == NULL)
-		return bad(m, "ValueError", "body is not JSON: %s", jerr.text);
-
-	json_t *retries, *eta, *expires;
-	if (m->task_name == NULL && json_is_object(m->body) && json_is_string(json_object_get(m->body, "task"))) {
-		/* protocol v1: everything in the body */
-		m->v1 = true;
-		m->task_name = json_string_value(json_object_get(m->body, "task"));
-		m->task_id = json_string_value(json_object_get(m->body, "id"));
-		m->args = json_object_get(m->body, "args");
-		m->kwargs = json_object_get(m->body, "kwargs");
-		retries = json_object_get(m->body, "retries");
-		eta = json_object_get(m->body, "eta");
-		expires = json_object_get(m->body, "expires");
-		read_timelimit(json_object_get(m->body, "timelimit"), m);
-		if (m->args == NULL)
-			m->args = json_array(), json_object_set_new(m->body, "args", m->args);
-		if (m->kwargs == NULL)
-			m->kwargs = json_object(), json_object_set_new(m->body, "kwargs", m->kwargs);
-	} else {
-		if (m->task_name == NULL)
-			return bad(m, "ValueError", "message has no task header");
-		if (!json_is_array(m->body) || json_array_size(m->body) < 2)
-			return bad(m, "ValueError", "body is not [args, kwargs, embed]");
-		m->args = json_array_get(m->body, 0);
-		m->kwargs = json_array_get(m->body, 1);
-		retries = json_object_get(m->headers, "retries");
-		eta = json_object_get(m->headers, "eta");
-		expires = json_object_get(m->headers, "expires");
-		read_timelimit(json_object_get(m->headers, "timelimit"), m);
-		json_t *ir = json_object_get(m->headers, "ignore_result");
-		m->ignore_result = json_is_true(ir);
-	}
-	if (m->task_id == NULL)
-		return bad(m, "ValueError", "message has no task id");
-	if (!json_is_array(m->args))
-		return bad(m, "TypeError", "args must be a list");
-	if (!json_is_object(m->kwargs))
-		return bad(m, "TypeError", "kwargs must be a dict");
-	if (json_is_integer(retries) && json_integer_value(retries) > 0 && json_integer_value(retries) < 1000000)
-		m->retries = (int)json_integer_value(retries);
-	if (time_field(eta, &m->eta) < 0)
-		return bad(m, "ValueError", "eta is not an ISO 8601 time");
-	if (time_field(expires, &m->expires) < 0)
-		return bad(m, "ValueError", "expires is not an ISO 8601 time");
+	jscan_free(&s);
+	if (m->headers == NULL)
+		return bad(m, "ValueError", "message headers are not a JSON object");
 	return 0;
 }
 
 void
 message_free(struct message *m)
 {
-	json_decref(m->env);
-	json_decref(m->body);
-	m->env = m->body = NULL;
+	free(m->store);
+	m->store = NULL;
+	json_decref(m->args);
+	json_decref(m->kwargs);
+	json_decref(m->headers);
+	m->args = m->kwargs = m->headers = NULL;
+	m->body = m->task_name = m->task_id = m->parent_id = m->group_id = NULL;
+	m->args_json = m->kwargs_json = m->arg0_json = NULL;
+	m->exchange = m->routing_key = m->delivery_tag = "";
 }
 
 char *
-message_build_retry(const struct message *m, int retries, double eta)
+message_build_retry(const char *raw, size_t len, const struct message *m, int retries, double eta)
 {
-	json_t *env = json_deep_copy(m->env);
-	if (env == NULL)
+	json_t *env = json_loadb(raw, len, 0, NULL);
+	if (!json_is_object(env)) {
+		json_decref(env);
 		return NULL;
+	}
 	char iso[64], tag[37];
 	message_format_iso(eta, true, iso, sizeof iso);
 	message_uuid4(tag);
@@ -389,7 +588,17 @@ message_build_retry(const struct message *m, int retries, double eta)
 	json_t *props = json_object_get(env, "properties");
 	json_object_del(headers, "redelivered");
 	if (m->v1) {
-		json_t *body = json_deep_copy(m->body);
+		json_t *body = json_loadb(m->body, m->body_len, JSON_DECODE_ANY, NULL);
+		if (!json_is_object(body)) {
+			json_decref(body);
+			json_decref(env);
+			return NULL;
+		}
+		/* the decoder took a missing args/kwargs as empty, and the retry carries them */
+		if (json_object_get(body, "args") == NULL)
+			json_object_set_new(body, "args", json_array());
+		if (json_object_get(body, "kwargs") == NULL)
+			json_object_set_new(body, "kwargs", json_object());
 		json_object_set_new(body, "retries", json_integer(retries));
 		json_object_set_new(body, "eta", json_string(iso));
 		char *text = json_dumps(body, JSON_COMPACT);
