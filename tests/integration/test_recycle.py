@@ -19,8 +19,12 @@ def test_max_tasks_per_child_recycles_and_counts_every_task(spark, celery):
     got = [r.get(timeout=t(30)) for r in results]
     assert got == [a[0] for a in args]
 
-    st = wait_for(lambda: (lambda s: s if s["workers"][0]["processed"] == 30 else None)(sd.status()), t(10),
-                  what="processed == 30")
+    # processed reaches 30 before the recycled processes are reaped and their exits recorded: wait for both
+    def settled():
+        s = sd.status()
+        return s if s["workers"][0]["processed"] == 30 and "max-tasks" in last_reasons(sd, s) else None
+
+    st = wait_for(settled, t(10), what="processed == 30 and a max-tasks exit recorded")
     w = st["workers"][0]
     # 30 tasks at most 5 per process: at least 6 process lifetimes, so at least 4 recycles
     assert w["restarts"] >= 4, w
