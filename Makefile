@@ -142,7 +142,7 @@ run: deps all
 	@sh scripts/run.sh $(abspath $(BUILD)/bin)
 
 bench: deps all
-	@sh bench/run.sh $(abspath $(BUILD)/bin)
+	@sh bench/run.sh $(abspath $(BUILD)/bin) $(BENCH_ARGS)
 
 install: all
 	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(SBINDIR)

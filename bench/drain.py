@@ -1,192 +1,163 @@
 #!/usr/bin/python3
-"""Drain benchmark: N pre-enqueued spark.noop tasks with results stored, our workers against Python Celery.
+"""No-op drain: N pre-enqueued spark.noop tasks with results stored, our workers against Python Celery.
 
-Both sides run on the same private Redis, in the same run, alternately, RUNS times each. The tasks are written
-to a staging list while the workers idle, then RENAMEd onto the queue in one atomic step, so start-up time is not
-counted; the clock stops when the last result is stored. Idle RSS is read from /proc for every worker process.
+Every configuration runs on the same private Redis, in the same run, alternately, R times each. The messages are
+written to a staging list while the workers idle, then RENAMEd onto the queue in one atomic step, so start-up
+time is not counted; the clock stops when the last messages' results read SUCCESS. Measured per run:
 
-Usage: bench/drain.py BIN_DIR [--tasks N] [--runs R] [--out docs/benchmarks.md]
+- tasks/s;
+- worker CPU per task: utime+stime of the worker processes (/proc/PID/stat) before and after the drain, over N
+  (ours: the spark-worker processes, and separately with sparkd added; Celery: its main process, which does the
+  Redis work, and its pool children);
+- Redis commands per task: the INFO commandstats delta over N, minus the bench's own commands in that window
+  (the RENAME, its polling DBSIZE/MGET and one INFO, counted as they are sent; staging happens before the window);
+- idle RSS per worker process, read from /proc after a settle second.
+
+Usage: bench/drain.py BIN_DIR [--tasks N] [--runs R] [--out FILE]
 """
 import argparse
-import base64
-import json
-import os
-import platform
 import shutil
-import signal
-import socket
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
 
-import redis
+from common import BenchError, RedisServer, commands_delta, cpu_total, fmt, noop_envelope, rss_kib, summary, table
+from systems import Ours, PyCelery
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+STAGING = "bench:staging"
+TAIL = 64  # the last messages staged, whose SUCCESS ends the clock (prefetch reorders at most a few)
 
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
-def envelope(task_id, arg):
-    """A Celery protocol-v2 message exactly as Celery 5.2 writes it (reference §1.3)."""
-    body = json.dumps([[arg], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
-    return json.dumps({
-        "body": base64.b64encode(body.encode()).decode(),
-        "content-encoding": "utf-8",
-        "content-type": "application/json",
-        "headers": {"lang": "py", "task": "spark.noop", "id": task_id, "shadow": None, "eta": None,
-                    "expires": None, "group": None, "group_index": None, "retries": 0,
-                    "timelimit": [None, None], "root_id": task_id, "parent_id": None,
-                    "argsrepr": repr((arg,)), "kwargsrepr": "{}", "origin": "gen0@bench",
-                    "ignore_result": False},
-        "properties": {"correlation_id": task_id, "reply_to": str(uuid.uuid4()), "delivery_mode": 2,
-                       "delivery_info": {"exchange": "", "routing_key": "celery"}, "priority": 0,
-                       "body_encoding": "base64", "delivery_tag": str(uuid.uuid4())},
-    })
-
-
-def rss_kib(pid):
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def children(pid):
-    out = []
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            out = [int(x) for x in f.read().split()]
-    except OSError:
-        pass
-    return out
-
-
-class Redis:
-    def __init__(self, tmp):
-        self.port = free_port()
-        self.dir = os.path.join(tmp, "redis")
-        os.makedirs(self.dir)
-        subprocess.run(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                        "--appendonly", "no", "--dir", self.dir, "--daemonize", "yes",
-                        "--pidfile", os.path.join(self.dir, "redis.pid")], check=True, stdout=subprocess.DEVNULL)
-        self.broker = redis.Redis(port=self.port, db=0)
-        self.backend = redis.Redis(port=self.port, db=1)
-        for _ in range(100):
-            try:
-                self.broker.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
-
-    def stop(self):
-        try:
-            self.broker.shutdown(nosave=True)
-        except redis.ConnectionError:
-            pass
+# (label, kind, pool, workers, concurrency)
+CONFIGS = [
+    ("ours prefork W1 C2", "ours", "prefork", 1, 2),
+    ("ours threads W1 C8", "ours", "threads", 1, 8),
+    ("ours prefork W2 C2", "ours", "prefork", 2, 2),
+    ("Celery threads c8", "celery", "threads", 1, 8),
+    ("Celery prefork c2", "celery", "prefork", 1, 2),
+]
+PAIRS = [("ours threads W1 C8", "Celery threads c8"), ("ours prefork W1 C2", "Celery prefork c2")]
 
 
 def stage(r, n):
     r.broker.flushall()
+    ids = [str(uuid.uuid4()) for _ in range(n)]
     pipe = r.broker.pipeline(transaction=False)
-    for i in range(n):
-        pipe.lpush("bench:staging", envelope(str(uuid.uuid4()), i))
+    for i, tid in enumerate(ids):
+        pipe.lpush(STAGING, noop_envelope(tid, i))
         if i % 1000 == 999:
             pipe.execute()
     pipe.execute()
+    return ids
 
 
-def release_and_time(r, n, timeout=600):
+def make_system(cfg, bindir, tmp, r):
+    label, kind, pool, workers, conc = cfg
+    if kind == "ours":
+        return Ours(bindir, tmp, r, workers, conc, pool, label=label)
+    return PyCelery(tmp, r, "celery_bench_app", pool, conc, label=label)
+
+
+def drain_once(system, r, n, ids, timeout):
+    """One measured drain; returns a dict of figures (with 'error' when it did not finish)."""
+    time.sleep(1.0)  # settle: idle RSS after start-up allocations, not during them
+    pids = system.pids()
+    idle = [x for x in (rss_kib(p) for p in pids) if x is not None]
+    sup = system.supervisor_pids()
+    cpu0, sup0 = cpu_total(pids), cpu_total(sup)
+    own = {"info": 1, "rename": 1, "dbsize": 0, "mget": 0}
+    cmd0 = r.command_calls()
+    tail = [f"celery-task-meta-{t}" for t in ids[-TAIL:]]
     t0 = time.monotonic()
-    r.broker.rename("bench:staging", "celery")
+    r.broker.rename(STAGING, "celery")
+    done, error = 0, None
     while True:
         done = r.backend.dbsize()
+        own["dbsize"] += 1
         if done >= n:
-            return time.monotonic() - t0
+            metas = r.backend.mget(tail)
+            own["mget"] += 1
+            if all(m is not None and b'"SUCCESS"' in m for m in metas):
+                break
         if time.monotonic() - t0 > timeout:
-            raise RuntimeError(f"only {done}/{n} results after {timeout}s")
-        time.sleep(0.02)
+            error = f"timeout: {done}/{n} results after {timeout:.0f} s"
+            break
+        time.sleep(0.005)
+    secs = time.monotonic() - t0
+    cmds = commands_delta(cmd0, r.command_calls(), own)
+    cpu1, sup1 = cpu_total(pids), cpu_total(sup)
+    out = {"secs": secs, "idle_rss": idle, "error": error}
+    if error is None:
+        out.update(rate=n / secs, cpu_us=(cpu1 - cpu0) / n * 1e6, cpu_all_us=(cpu1 - cpu0 + sup1 - sup0) / n * 1e6,
+                   cmds=sum(cmds.values()) / n, cmd_detail={k: v / n for k, v in cmds.items()})
+    return out
 
 
-def wait_idle_rss(pids, settle=2.0):
-    time.sleep(settle)
-    return [rss_kib(p) for p in pids if rss_kib(p) is not None]
+def run(bindir, tmp, r, tasks, runs, log=print):
+    """All configurations, `runs` times each, alternating; returns (markdown lines, {label: [run figures]})."""
+    res = {c[0]: [] for c in CONFIGS}
+    for i in range(runs):
+        for cfg in CONFIGS:
+            ids = stage(r, tasks)
+            system = make_system(cfg, bindir, tmp, r)
+            try:
+                system.start()
+                out = drain_once(system, r, tasks, ids, timeout=max(60.0, tasks / 100.0))
+            except BenchError as e:
+                out = {"error": str(e), "idle_rss": []}
+            finally:
+                system.stop()
+            res[cfg[0]].append(out)
+            if out.get("error"):
+                log(f"drain run {i + 1}: {cfg[0]}: FAILED: {out['error']}")
+            else:
+                log(f"drain run {i + 1}: {cfg[0]}: {tasks} tasks in {out['secs']:.2f} s = {out['rate']:,.0f}/s, "
+                    f"worker CPU {out['cpu_us']:.1f} µs/task, Redis {out['cmds']:.1f} commands/task")
+    return report(res, tasks, runs), res
 
 
-class Ours:
-    name = "spark-worker (C)"
-
-    def __init__(self, bindir, r, tmp):
-        self.bindir, self.r, self.tmp = bindir, r, tmp
-
-    def start(self):
-        sock = os.path.join(self.tmp, "sparkd.sock")
-        env = dict(os.environ, CELERY_BROKER_URL=f"redis://127.0.0.1:{self.r.port}/0",
-                   CELERY_RESULT_BACKEND=f"redis://127.0.0.1:{self.r.port}/1", SPARK_SOCKET=sock,
-                   SPARK_LOG_DIR=os.path.join(self.tmp, "log"), SPARK_ENV_FILE="",
-                   CELERY_WORKER_MAX_TASKS_PER_CHILD="0", SPARK_LOGLEVEL="warning")
-        self.proc = subprocess.Popen([os.path.join(self.bindir, "sparkd"), "--workers", "1", "--concurrency", "2",
-                                      "--pool", "prefork"], env=env, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        ctl = os.path.join(self.bindir, "sparkctl")
-        for _ in range(200):
-            out = subprocess.run([ctl, "--socket", sock, "status", "--json"], capture_output=True, text=True)
-            if out.returncode == 0:
-                st = json.loads(out.stdout)
-                procs = [p for w in st["workers"] for p in w["processes"]]
-                if procs and all(p["state"] == "active" for p in procs) and len(procs) == 2:
-                    self.pids = [p["pid"] for p in procs]
-                    return
-            time.sleep(0.1)
-        raise RuntimeError("sparkd did not become ready")
-
-    def stop(self):
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=60)
+def _vals(runs, key):
+    return [x.get(key) for x in runs if not x.get("error")]
 
 
-class PyCelery:
-    name = "Python Celery 5.2 prefork"
-
-    def __init__(self, bindir, r, tmp):
-        self.r, self.tmp = r, tmp
-
-    def start(self):
-        env = dict(os.environ, BENCH_BROKER=f"redis://127.0.0.1:{self.r.port}/0",
-                   BENCH_BACKEND=f"redis://127.0.0.1:{self.r.port}/1", PYTHONPATH=HERE)
-        self.proc = subprocess.Popen(["/usr/bin/python3", "-m", "celery", "-A", "celery_bench_app", "worker",
-                                      "-P", "prefork", "-c", "2", "--without-heartbeat", "--without-gossip",
-                                      "--without-mingle", "-Q", "celery", "-l", "warning"],
-                                     env=env, cwd=self.tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        # ready when both pool children exist and the consumer is polling the queue
-        for _ in range(300):
-            kids = children(self.proc.pid)
-            polling = any(c.get("cmd") == "brpop" for c in self.r.broker.client_list())
-            if len(kids) >= 2 and polling:
-                self.pids = kids
-                return
-            time.sleep(0.1)
-        raise RuntimeError("celery worker did not become ready")
-
-    def stop(self):
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+def report(res, tasks, runs):
+    rows = []
+    for label, *_ in CONFIGS:
+        rs = res[label]
+        fails = [x["error"] for x in rs if x.get("error")]
+        idle = [k for x in rs for k in x.get("idle_rss", [])]
+        s_idle = summary(idle)
+        all_us = fmt(_vals(rs, "cpu_all_us"), 1) if label.startswith("ours") else "(same)"
+        rows.append([label, fmt(_vals(rs, "rate")), fmt(_vals(rs, "cpu_us"), 1), all_us, fmt(_vals(rs, "cmds"), 1),
+                     f"{s_idle[0] / 1024:.1f} MiB" if s_idle else "—",
+                     f"{len(fails)}/{len(rs)}: {fails[0]}" if fails else "0"])
+    lines = [f"### No-op drain: {tasks:,} `spark.noop` tasks, results stored ({runs} run(s) each, alternating)", ""]
+    lines += table(["configuration", "tasks/s", "worker CPU µs/task", "with sparkd µs/task", "Redis cmds/task",
+                    "idle RSS/process", "failed runs"], rows)
+    lines += ["", "Ours against Celery (ratio of medians):", ""]
+    prow = []
+    for ours, py in PAIRS:
+        if ours not in res or py not in res:
+            continue
+        o, p = res[ours], res[py]
+        def med(rs, k):
+            s = summary(_vals(rs, k))
+            return s[0] if s else None
+        ro, rp = med(o, "rate"), med(p, "rate")
+        co, cp = med(o, "cpu_us"), med(p, "cpu_us")
+        mo, mp = med(o, "cmds"), med(p, "cmds")
+        prow.append([f"{ours} / {py}", f"**{ro / rp:.1f}×**" if ro and rp else "—",
+                     f"1/{cp / co:.1f}" if co and cp else "—", f"{mo / mp:.2f}" if mo and mp else "—"])
+    lines += table(["pair", "throughput", "CPU per task", "Redis commands per task"], prow)
+    lines += ["", "Redis commands per task by command (medians over the runs):", ""]
+    for label, *_ in CONFIGS:
+        det = {}
+        for x in res[label]:
+            for k, v in (x.get("cmd_detail") or {}).items():
+                det.setdefault(k, []).append(v)
+        parts = sorted(((summary(v)[0], k) for k, v in det.items()), reverse=True)
+        lines.append(f"- {label}: " + (", ".join(f"{k} {v:.2f}" for v, k in parts if v >= 0.01) or "—"))
+    return lines
 
 
 def main():
@@ -197,38 +168,12 @@ def main():
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="spark-bench-")
-    r = Redis(tmp)
-    results = {Ours.name: [], PyCelery.name: []}
-    rss = {Ours.name: [], PyCelery.name: []}
+    r = RedisServer(tmp)
     try:
-        for run in range(a.runs):
-            for cls in (Ours, PyCelery):
-                w = cls(a.bindir, r, tmp)
-                stage(r, a.tasks)
-                w.start()
-                rss[cls.name].extend(wait_idle_rss(w.pids))
-                secs = release_and_time(r, a.tasks)
-                w.stop()
-                results[cls.name].append(secs)
-                print(f"run {run + 1}: {cls.name}: {a.tasks} tasks in {secs:.2f}s = {a.tasks / secs:.0f}/s",
-                      flush=True)
+        lines, _ = run(a.bindir, tmp, r, a.tasks, a.runs)
     finally:
         r.stop()
         shutil.rmtree(tmp, ignore_errors=True)
-    med = {k: statistics.median(v) for k, v in results.items()}
-    mrss = {k: statistics.median(v) for k, v in rss.items()}
-    ours, py = Ours.name, PyCelery.name
-    lines = [
-        "| | median drain time | tasks/s | idle RSS per worker process (median) |",
-        "|---|---|---|---|",
-        f"| {ours} | {med[ours]:.2f} s | {a.tasks / med[ours]:.0f} | {mrss[ours] / 1024:.1f} MiB |",
-        f"| {py} | {med[py]:.2f} s | {a.tasks / med[py]:.0f} | {mrss[py] / 1024:.1f} MiB |",
-        f"| ratio | | **{med[py] / med[ours]:.1f}×** throughput | **1/{mrss[py] / mrss[ours]:.1f}** RSS |",
-        "",
-        f"Runs ({a.runs} each, alternating): ours {', '.join(f'{x:.2f}' for x in results[ours])} s; "
-        f"Celery {', '.join(f'{x:.2f}' for x in results[py])} s. "
-        f"Machine: {os.cpu_count()} CPUs, {platform.machine()}, Linux {platform.release().split('-')[0]}.",
-    ]
     print("\n".join(lines))
     if a.out:
         with open(a.out, "w") as f:
