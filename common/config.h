@@ -47,8 +47,8 @@ struct spark_config {
 	char *socket_path;
 	char *log_dir;
 	char *pid_file;
-	char *encryption_key; /* AUTOMAGIK_SPARK_ENCRYPTION_KEY, NULL when unset */
-	double http_timeout;  /* AUTOMAGIK_SPARK_HTTP_TIMEOUT */
+	char *encryption_key;    /* AUTOMAGIK_SPARK_ENCRYPTION_KEY, NULL when unset */
+	double http_timeout;     /* AUTOMAGIK_SPARK_HTTP_TIMEOUT */
 	int prefetch_multiplier; /* messages a process may hold: slots x this */
 	double visibility_timeout;
 	long log_lines;     /* sparkd's in-memory ring */

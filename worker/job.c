@@ -341,7 +341,8 @@ job_task_done(struct task_run *run)
 		run->outcome = TASK_FAILURE;
 	}
 	if (run->outcome == TASK_DEFER) {
-		log_warnx("Task %s[%s] deferred for %gs: %s", m->task_name, m->task_id, DEFER_DELAY_S, run->exc_message);
+		log_warnx("Task %s[%s] deferred for %gs: %s", m->task_name, m->task_id, DEFER_DELAY_S,
+		          run->exc_message);
 		j->out = OUT_PARK;
 		j->out_at = now_wall() + DEFER_DELAY_S;
 		j->report_outcome = "requeued";
@@ -381,8 +382,7 @@ job_task_done(struct task_run *run)
 			         run->exc_type, run->exc_message);
 			j->out = OUT_RETRY;
 			j->report_outcome = "retry";
-			j->out_meta =
-			    job_failure_meta(j, "RETRY", run->exc_module, run->exc_type, run->exc_message);
+			j->out_meta = job_failure_meta(j, "RETRY", run->exc_module, run->exc_type, run->exc_message);
 		}
 	}
 	if (run->outcome == TASK_FAILURE) {

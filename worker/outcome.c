@@ -114,8 +114,7 @@ out_cmd(struct job *j, struct rpipe *p, bool final, int argc, const char **argv,
 }
 
 static void
-out_eval(struct job *j, struct rpipe *p, enum script_id id, int nkeys, int nargs, const char **argv,
-         const size_t *lens)
+out_eval(struct job *j, struct rpipe *p, enum script_id id, int nkeys, int nargs, const char **argv, const size_t *lens)
 {
 	if (rpipe_eval(p, id, outcome_final, j, nkeys, nargs, argv, lens) == 0)
 		j->out_pending++;
@@ -203,10 +202,10 @@ out_finish(struct job *j, bool with_eta)
 		snprintf(ttl, sizeof ttl, "%d", RESULT_EXPIRES);
 		snprintf(bdb, sizeof bdb, "%d", w->cfg->backend.db);
 		snprintf(qdb, sizeof qdb, "%d", w->cfg->broker.db);
-		const char *argv[] = {w->proc_key, KEY_UNACKED, KEY_UNACKED_INDEX, key, j->raw, j->tag, j->out_meta,
-		                      ttl,         bdb,         qdb};
-		size_t lens[] = {strlen(argv[0]), strlen(argv[1]), strlen(argv[2]), strlen(key),  j->len,
-		                 strlen(j->tag),  strlen(j->out_meta), strlen(ttl), strlen(bdb), strlen(qdb)};
+		const char *argv[] = {
+		    w->proc_key, KEY_UNACKED, KEY_UNACKED_INDEX, key, j->raw, j->tag, j->out_meta, ttl, bdb, qdb};
+		size_t lens[] = {strlen(argv[0]), strlen(argv[1]),     strlen(argv[2]), strlen(key), j->len,
+		                 strlen(j->tag),  strlen(j->out_meta), strlen(ttl),     strlen(bdb), strlen(qdb)};
 		j->out_exec = false;
 		out_eval(j, &w->broker, SCRIPT_FINISH, 4, 6, argv, lens);
 		free(key);
@@ -241,7 +240,8 @@ out_script_move(struct job *j)
 		}
 		char score[64];
 		score_str(j->out_at, score, sizeof score);
-		const char *argv[] = {w->proc_key, KEY_UNACKED, KEY_UNACKED_INDEX, KEY_ETA, j->raw, j->tag, score, member};
+		const char *argv[] = {w->proc_key, KEY_UNACKED, KEY_UNACKED_INDEX, KEY_ETA, j->raw, j->tag,
+		                      score,       member};
 		size_t lens[] = {strlen(argv[0]), strlen(argv[1]), strlen(argv[2]), strlen(argv[3]),
 		                 j->len,          strlen(j->tag),  strlen(score),   strlen(member)};
 		out_eval(j, &w->broker, SCRIPT_PARK, 4, 4, argv, lens);
@@ -250,7 +250,8 @@ out_script_move(struct job *j)
 		if (j->out_env == NULL)
 			j->out_env = message_mark_redelivered(j->raw, j->len);
 		const char *newm = j->out_env ? j->out_env : j->raw;
-		const char *argv[] = {w->proc_key, KEY_UNACKED, KEY_UNACKED_INDEX, j->qkey, j->raw, newm, j->tag, "list"};
+		const char *argv[] = {w->proc_key, KEY_UNACKED, KEY_UNACKED_INDEX, j->qkey, j->raw, newm,
+		                      j->tag,      "list"};
 		size_t lens[] = {strlen(argv[0]), strlen(argv[1]), strlen(argv[2]), strlen(j->qkey),
 		                 j->len,          strlen(newm),    strlen(j->tag),  4};
 		out_eval(j, &w->broker, SCRIPT_REQUEUE, 4, 4, argv, lens);
@@ -258,7 +259,8 @@ out_script_move(struct job *j)
 		char *queue = message_queue_of_key(j->qkey);
 		char *entry = message_deadletter_entry(j->out_reason, queue, now_wall(), j->raw, j->len);
 		free(queue);
-		const char *argv[] = {w->proc_key, KEY_UNACKED, KEY_UNACKED_INDEX, KEY_DEADLETTER, j->raw, j->tag, entry};
+		const char *argv[] = {w->proc_key, KEY_UNACKED, KEY_UNACKED_INDEX, KEY_DEADLETTER, j->raw,
+		                      j->tag,      entry};
 		size_t lens[] = {strlen(argv[0]), strlen(argv[1]), strlen(argv[2]), strlen(argv[3]),
 		                 j->len,          strlen(j->tag),  strlen(entry)};
 		out_eval(j, &w->broker, SCRIPT_DEADLETTER, 4, 3, argv, lens);

@@ -72,20 +72,20 @@ const char *const script_src[SCRIPT_COUNT] = {
     /* FETCH: up to ARGV[2] messages, highest priority key first, each recorded as kombu's QoS.append does.
        KEYS: processing, unacked, unacked_index, queue keys in kombu's order. ARGV: now, max, queue names.
        Returns {key, message, tag, key, message, tag, ...}. */
-    [SCRIPT_FETCH] =
-        LUA_RECORD_FN "local out, want = {}, tonumber(ARGV[2])\n"
-                      "for i = 4, #KEYS do\n"
-                      "  while want > 0 do\n"
-                      "    local m = redis.call('LMOVE', KEYS[i], KEYS[1], 'RIGHT', 'LEFT')\n"
-                      "    if not m then break end\n"
-                      "    out[#out + 1] = KEYS[i]\n"
-                      "    out[#out + 1] = m\n"
-                      "    out[#out + 1] = record(m, ARGV[1], ARGV[i - 1], KEYS[2], KEYS[3])\n"
-                      "    want = want - 1\n"
-                      "  end\n"
-                      "end\n"
-                      "return out\n",
-    /* DEADLETTER (sent again after a lost reply: only the first one counts). KEYS: processing, unacked, unacked_index, deadletter. ARGV: message, tag, entry. */
+    [SCRIPT_FETCH] = LUA_RECORD_FN "local out, want = {}, tonumber(ARGV[2])\n"
+                                   "for i = 4, #KEYS do\n"
+                                   "  while want > 0 do\n"
+                                   "    local m = redis.call('LMOVE', KEYS[i], KEYS[1], 'RIGHT', 'LEFT')\n"
+                                   "    if not m then break end\n"
+                                   "    out[#out + 1] = KEYS[i]\n"
+                                   "    out[#out + 1] = m\n"
+                                   "    out[#out + 1] = record(m, ARGV[1], ARGV[i - 1], KEYS[2], KEYS[3])\n"
+                                   "    want = want - 1\n"
+                                   "  end\n"
+                                   "end\n"
+                                   "return out\n",
+    /* DEADLETTER (sent again after a lost reply: only the first one counts). KEYS: processing, unacked, unacked_index,
+       deadletter. ARGV: message, tag, entry. */
     [SCRIPT_DEADLETTER] = "if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end\n"
                           "if ARGV[2] ~= '' then\n"
                           "  redis.call('HDEL', KEYS[2], ARGV[2])\n"
@@ -165,4 +165,3 @@ const char *const script_src[SCRIPT_COUNT] = {
                                    "end\n"
                                    "return 1\n",
 };
-

@@ -46,16 +46,18 @@ sweep_requeue_raw(struct chain *c, const char *list, bool landing, const char *r
 	char *dest = route_of(w, raw, len);
 	int rv;
 	if (dest == NULL) {
-		char *entry =
-		    message_deadletter_entry("unreadable message left in a processing list", NULL, now_wall(), raw, len);
+		char *entry = message_deadletter_entry("unreadable message left in a processing list", NULL, now_wall(),
+		                                       raw, len);
 		const char *argv[] = {list, KEY_UNACKED, KEY_UNACKED_INDEX, KEY_DEADLETTER, raw, "", entry};
-		size_t lens[] = {strlen(list), strlen(argv[1]), strlen(argv[2]), strlen(argv[3]), len, 0, strlen(entry)};
+		size_t lens[] = {strlen(list), strlen(argv[1]), strlen(argv[2]), strlen(argv[3]), len, 0,
+		                 strlen(entry)};
 		rv = chain_eval(c, requeue_cb, SCRIPT_DEADLETTER, 4, 3, argv, lens);
 		free(entry);
 		return rv;
 	}
 	json_t *env = json_loadb(raw, len, 0, NULL);
-	const char *tag = landing ? "" : json_string_value(json_object_get(json_object_get(env, "properties"), "delivery_tag"));
+	const char *tag =
+	    landing ? "" : json_string_value(json_object_get(json_object_get(env, "properties"), "delivery_tag"));
 	if (tag == NULL)
 		tag = "";
 	char *marked = message_mark_redelivered(raw, len);
@@ -127,7 +129,8 @@ dead_lrange_cb(struct rpipe *p, redisReply *r, void *arg)
 			                      r->element[i]->len) == 0)
 				n++;
 	if (n > 0)
-		log_warnx("Restoring %d message(s) held by dead worker %s", n, d->member + strlen(KEY_PROCESSING_PREFIX));
+		log_warnx("Restoring %d message(s) held by dead worker %s", n,
+		          d->member + strlen(KEY_PROCESSING_PREFIX));
 	free(landing_key);
 	if (chain_reply(c, r))
 		chain_end(c);

@@ -82,10 +82,16 @@ unacked_move(struct unacked_scan *u, const char *queue)
 	char *dest = queue != NULL && u->newm != NULL ? message_queue_key(queue, u->priority) : NULL;
 	if (dest == NULL && u->value != NULL)
 		log_warnx("Could not restore unacked message %s: no queue for it; dropped as kombu does", tag);
-	const char *argv[] = {KEY_UNACKED, KEY_UNACKED_INDEX, dest ? dest : KEY_UNACKED, tag,
-	                      u->value ? u->value : "", dest ? u->newm : "", dest ? "1" : "0"};
-	size_t lens[] = {strlen(argv[0]), strlen(argv[1]), strlen(argv[2]), strlen(tag),
-	                 u->value ? u->value_len : 0, strlen(argv[5]), 1};
+	const char *argv[] = {
+	    KEY_UNACKED,         KEY_UNACKED_INDEX, dest ? dest : KEY_UNACKED, tag, u->value ? u->value : "",
+	    dest ? u->newm : "", dest ? "1" : "0"};
+	size_t lens[] = {strlen(argv[0]),
+	                 strlen(argv[1]),
+	                 strlen(argv[2]),
+	                 strlen(tag),
+	                 u->value ? u->value_len : 0,
+	                 strlen(argv[5]),
+	                 1};
 	if (rpipe_eval(&w->broker, SCRIPT_SWEEP_ONE, unacked_moved_cb, u, 3, 4, argv, lens) < 0) {
 		u->failed = true;
 		unacked_finish_cb(&w->broker, NULL, u);

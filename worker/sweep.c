@@ -60,8 +60,7 @@ chain_send(struct chain *c, rpipe_cb cb, int argc, const char **argv, const size
 }
 
 int
-chain_eval(struct chain *c, rpipe_cb cb, enum script_id id, int nkeys, int nargs, const char **argv,
-           const size_t *lens)
+chain_eval(struct chain *c, rpipe_cb cb, enum script_id id, int nkeys, int nargs, const char **argv, const size_t *lens)
 {
 	if (rpipe_eval(&c->w->broker, id, cb, c, nkeys, nargs, argv, lens) < 0) {
 		c->failed = true;

@@ -79,13 +79,13 @@ void sbuf_free(struct sbuf *b);
  * that needed unescaping and the decoded body live in m->store. Everything stays valid until message_free.
  */
 struct message {
-	char *store;       /* owned: unescaped strings and the decoded body text */
-	const char *body;  /* the decoded body text (JSON), in store */
+	char *store;      /* owned: unescaped strings and the decoded body text */
+	const char *body; /* the decoded body text (JSON), in store */
 	size_t body_len;
-	const char *task_name; /* NULL when unreadable */
-	const char *task_id;   /* NULL when unreadable */
+	const char *task_name;            /* NULL when unreadable */
+	const char *task_id;              /* NULL when unreadable */
 	const char *parent_id, *group_id; /* for the result meta; NULL when absent */
-	const char *args_json; /* raw JSON of args (an array), in body */
+	const char *args_json;            /* raw JSON of args (an array), in body */
 	size_t args_len;
 	const char *kwargs_json; /* raw JSON of kwargs (an object), in body */
 	size_t kwargs_len;
@@ -185,16 +185,16 @@ struct rpipe {
 	struct worker *w;
 	enum rpipe_kind kind;
 	const struct redis_url *url;
-	const char *what;              /* "broker", "result backend": for logs */
-	struct redisAsyncContext *ac;  /* NULL while disconnected */
-	bool ready;                    /* connected, AUTH/SELECT (and SCRIPT LOAD) done */
-	bool down;                     /* counted in w->down */
-	double backoff;                /* next reconnect delay */
-	struct event *retry_ev;        /* reconnect timer */
-	unsigned gen;                  /* successful connects */
-	long long client_id;           /* CLIENT ID of this connection */
-	int inflight;                  /* replies outstanding */
-	double last_progress;          /* monotonic: last reply, or when inflight went from 0 to 1 */
+	const char *what;             /* "broker", "result backend": for logs */
+	struct redisAsyncContext *ac; /* NULL while disconnected */
+	bool ready;                   /* connected, AUTH/SELECT (and SCRIPT LOAD) done */
+	bool down;                    /* counted in w->down */
+	double backoff;               /* next reconnect delay */
+	struct event *retry_ev;       /* reconnect timer */
+	unsigned gen;                 /* successful connects */
+	long long client_id;          /* CLIENT ID of this connection */
+	int inflight;                 /* replies outstanding */
+	double last_progress;         /* monotonic: last reply, or when inflight went from 0 to 1 */
 	char sha[SCRIPT_COUNT][41];
 	struct rcall *free_calls; /* spare command records */
 	/* called once ready after each (re)connect, and when the connection is lost */
@@ -204,8 +204,7 @@ struct rpipe {
 	void (*on_invalidate)(struct rpipe *p, const char *key, size_t len);
 };
 
-void rpipe_init(struct rpipe *p, struct worker *w, enum rpipe_kind kind, const struct redis_url *url,
-                const char *what);
+void rpipe_init(struct rpipe *p, struct worker *w, enum rpipe_kind kind, const struct redis_url *url, const char *what);
 void rpipe_start(struct rpipe *p); /* connect now (asynchronously) */
 void rpipe_close(struct rpipe *p);
 /* Queue one command (written with everything else queued in this loop tick). -1 when not ready: nothing sent
@@ -299,22 +298,22 @@ struct worker {
 
 	struct jobq jobs; /* every message this process holds */
 	int njobs;
-	int running;           /* jobs in a slot */
-	struct job **slots;    /* nslots entries: the job in each slot, or NULL */
-	int max_held;          /* nslots x prefetch multiplier */
+	int running;        /* jobs in a slot */
+	struct job **slots; /* nslots entries: the job in each slot, or NULL */
+	int max_held;       /* nslots x prefetch multiplier */
 
 	/* fetch.c */
-	int fetching;       /* fetch commands outstanding */
-	int writing;        /* jobs in JOB_WRITING */
+	int fetching;         /* fetch commands outstanding */
+	int writing;          /* jobs in JOB_WRITING */
 	long long *probe_len; /* nqkeys: the last LLEN of each key */
-	bool batch_probe;   /* the batch in flight carries a probe */
-	bool batch_dry;     /* an LMOVE of the batch found its key empty */
-	double next_probe;  /* monotonic; 0 = probe with the next batch, alone */
-	bool fetch_idle;    /* the last fetch found nothing: wait for an invalidation */
-	bool tracking;      /* CLIENT TRACKING is on for the current broker and notify connections */
-	bool reconciling;   /* after a reconnect: no fetch until the processing list is reconciled */
-	unsigned fetch_gen; /* broker generation the last reconcile ran for */
-	int fast_key;       /* the priority-0 key plain LMOVEs take from */
+	bool batch_probe;     /* the batch in flight carries a probe */
+	bool batch_dry;       /* an LMOVE of the batch found its key empty */
+	double next_probe;    /* monotonic; 0 = probe with the next batch, alone */
+	bool fetch_idle;      /* the last fetch found nothing: wait for an invalidation */
+	bool tracking;        /* CLIENT TRACKING is on for the current broker and notify connections */
+	bool reconciling;     /* after a reconnect: no fetch until the processing list is reconciled */
+	unsigned fetch_gen;   /* broker generation the last reconcile ran for */
+	int fast_key;         /* the priority-0 key plain LMOVEs take from */
 	struct event *poll_ev;
 
 	/* loop.c */
@@ -353,31 +352,30 @@ int engine_init(struct worker *w, const struct spark_config *cfg, const char *no
 int engine_run(struct worker *w); /* until stopped; the exit status */
 void engine_free(struct worker *w);
 void engine_recycle(struct worker *w, const char *reason);
-void engine_tick(struct worker *w);         /* ask for an end-of-tick flush */
-void engine_maybe_exit(struct worker *w);   /* stopping and nothing held: unregister and leave */
-void engine_conn_state(struct worker *w);   /* a connection went down or up: report it */
+void engine_tick(struct worker *w);       /* ask for an end-of-tick flush */
+void engine_maybe_exit(struct worker *w); /* stopping and nothing held: unregister and leave */
+void engine_conn_state(struct worker *w); /* a connection went down or up: report it */
 void engine_flush_reports(struct worker *w, bool now);
 
 /* fetch.c */
-void fetch_kick(struct worker *w);          /* fetch for free capacity, if any */
-void fetch_on_broker_up(struct worker *w);  /* reconcile, tracking, then fetch */
+void fetch_kick(struct worker *w);         /* fetch for free capacity, if any */
+void fetch_on_broker_up(struct worker *w); /* reconcile, tracking, then fetch */
 void fetch_on_broker_down(struct worker *w);
 void fetch_on_notify_up(struct worker *w);
 void fetch_on_notify_down(struct worker *w);
 void fetch_on_invalidate(struct worker *w, const char *key, size_t len);
 
 /* job.c */
-struct job *job_new(struct worker *w, const char *qkey, const char *raw, size_t len, const char *tag,
-                    bool unrecorded);
+struct job *job_new(struct worker *w, const char *qkey, const char *raw, size_t len, const char *tag, bool unrecorded);
 void job_free(struct job *j);
-void job_dispatch(struct worker *w);  /* start reserved jobs in free slots */
+void job_dispatch(struct worker *w); /* start reserved jobs in free slots */
 void job_cancel_all(struct worker *w, enum task_cancel why);
-void job_abandon_running(struct worker *w); /* cold stop, grace over: put back what still runs */
+void job_abandon_running(struct worker *w);  /* cold stop, grace over: put back what still runs */
 void job_requeue_reserved(struct worker *w); /* warm stop: put back what has not started */
 
 /* outcome.c */
-void outcome_write(struct job *j);          /* write j's end (j->out set); frees j once confirmed */
-void outcome_resend(struct worker *w);      /* after a reconnect: write again every end whose reply was lost */
+void outcome_write(struct job *j);     /* write j's end (j->out set); frees j once confirmed */
+void outcome_resend(struct worker *w); /* after a reconnect: write again every end whose reply was lost */
 /* The meta store for a job's start (STARTED), on the right connection, without waiting. */
 void outcome_started(struct job *j);
 /* kombu's unacked records for a job taken by a plain LMOVE (no round trip of its own). */
@@ -403,7 +401,7 @@ void chain_end_if_idle(struct chain *c);
 
 void sweep_register(struct worker *w, void (*done)(struct worker *w, bool ok));
 void sweep_startup(struct worker *w, void (*done)(struct worker *w, bool ok)); /* recover dead, restore unacked */
-void sweep_tick(struct worker *w); /* the periodic chains that are due */
+void sweep_tick(struct worker *w);                                             /* the periodic chains that are due */
 void sweep_unregister(struct worker *w, void (*done)(struct worker *w, bool ok));
 /* Reconcile the process's processing list with the jobs it holds: put back what no job holds. */
 void sweep_reconcile(struct worker *w, void (*done)(struct worker *w, bool ok));

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from harness import REPO, SAN, Sparkd, t
+from harness import REPO, SAN, Sparkd, t, wait_for
 
 
 def test_make_install_prefix_and_run_from_there(tmp_path, redis, celery):
@@ -45,8 +45,10 @@ def test_make_install_prefix_and_run_from_there(tmp_path, redis, celery):
         assert app.send_task("spark.noop", args=["installed"]).get(timeout=t(20)) == "installed"
         s = sd.ctl("status")
         assert s.rc == 0 and "Status: Active" in s.out, s
-        s = sd.ctl("workers", "status", prog="automagik-spark")
-        assert s.rc == 0 and "Tasks Processed: 1" in s.out, s
+        # the result is published before the worker's report of it reaches sparkd: wait for the count
+        s = wait_for(lambda: (lambda s: s if "Tasks Processed: 1" in s.out else None)(
+            sd.ctl("workers", "status", prog="automagik-spark")), t(5), what="Tasks Processed: 1")
+        assert s.rc == 0, s
         st = sd.ctl("stop")
         assert st.rc == 0, st
         assert sd.ctl("status").rc == 3

@@ -59,8 +59,12 @@ def test_start_two_by_two_returns_ready_and_status_shows_guide_fields(spark, cel
     app = celery()
     assert run_tasks(app, "spark.noop", [[i] for i in range(6)]) == list(range(6))
 
-    out = sd.ctl("status")
-    assert out.rc == 0, out
+    # results are published before the workers' reports of them reach sparkd: wait for the counts
+    def counted():
+        o = sd.ctl("status")
+        return o if o.rc == 0 and sum(int(b.get("Tasks Processed", "0")) for b in blocks(o.out)) == 6 else None
+
+    out = wait_for(counted, t(5), what="6 tasks counted")
     bl = blocks(out.out)
     assert [b.get("Worker") for b in bl] == worker_names(2), out.out
     for b in bl:
@@ -194,8 +198,9 @@ def test_automagik_spark_guide_grammar(spark, celery):
     sd.pid = sd._read_pid()
     app = celery()
     assert app.send_task("spark.noop", args=["x"]).get(timeout=t(20)) == "x"
-    s = sd.ctl("workers", "status", prog="automagik-spark")
-    assert s.rc == 0 and "Status: Active" in s.out and "Tasks Processed: 1" in s.out, s
+    s = wait_for(lambda: (lambda s: s if "Tasks Processed: 1" in s.out else None)(
+        sd.ctl("workers", "status", prog="automagik-spark")), t(5), what="Tasks Processed: 1")
+    assert s.rc == 0 and "Status: Active" in s.out, s
     v = sd.ctl("workers", "status", "--verbose", prog="automagik-spark")
     assert v.rc == 0 and all(str(p["pid"]) in v.out for p in sd.processes()), v
     lg = sd.ctl("workers", "logs", "--level", "error", prog="automagik-spark")

@@ -524,7 +524,6 @@ test_not_nul_terminated(void **state)
 	assert_int_equal(report_parse("ready 12", 6, &r, scratch, sizeof scratch), -1);           /* "ready " */
 }
 
-
 int
 main(void)
 {
