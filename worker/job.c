@@ -32,10 +32,12 @@ void
 job_free(struct job *j)
 {
 	struct worker *w = j->w;
-	if (j->soft_ev != NULL)
-		event_free(j->soft_ev);
-	if (j->hard_ev != NULL)
-		event_free(j->hard_ev);
+	if (j->timers_assigned) {
+		event_del(&j->soft_ev);
+		event_del(&j->hard_ev);
+	}
+	if (j->record_queued)
+		job_unqueue_record(j);
 	if (j->state == JOB_WRITING)
 		w->writing--;
 	TAILQ_REMOVE(&w->jobs, j, entry);
@@ -89,6 +91,43 @@ job_reject(struct job *j, const char *module, const char *type, const char *mess
 	outcome_write(j);
 }
 
+void
+job_queue_record(struct job *j)
+{
+	struct worker *w = j->w;
+	if (w->nto_record == w->to_record_cap) {
+		w->to_record_cap = w->to_record_cap ? 2 * w->to_record_cap : 64;
+		w->to_record = xrealloc(w->to_record, (size_t)w->to_record_cap * sizeof *w->to_record);
+	}
+	w->to_record[w->nto_record++] = j;
+	j->record_queued = true;
+}
+
+void
+job_unqueue_record(struct job *j)
+{
+	struct worker *w = j->w;
+	for (int i = 0; i < w->nto_record; i++)
+		if (w->to_record[i] == j)
+			w->to_record[i] = NULL;
+	j->record_queued = false;
+}
+
+/* End of tick: kombu's records of the jobs fetched in it that are still held. */
+void
+job_flush_records(struct worker *w)
+{
+	for (int i = 0; i < w->nto_record; i++) {
+		struct job *j = w->to_record[i];
+		if (j == NULL)
+			continue;
+		j->record_queued = false;
+		if (j->state == JOB_RESERVED || j->state == JOB_RUNNING)
+			outcome_record(j);
+	}
+	w->nto_record = 0;
+}
+
 struct job *
 job_new(struct worker *w, const char *qkey, const char *raw, size_t len, const char *tag, bool unrecorded)
 {
@@ -111,9 +150,11 @@ job_new(struct worker *w, const char *qkey, const char *raw, size_t len, const c
 		j->tag = xstrdup(j->m.delivery_tag);
 	}
 	j->unrecorded = unrecorded && j->tag[0] != '\0';
-	/* kombu's records go out now, ahead of whatever this job writes next */
+	/* kombu's records go out at the end of the tick, for the jobs still held then: a job that ended within the
+	 * tick (a no-op) would only have written them to delete them in the same write */
 	if (j->unrecorded)
-		outcome_record(j);
+		job_queue_record(j);
+	engine_tick(w);
 	j->store_result = w->cfg->result_backend != NULL && !j->m.ignore_result;
 	if (decoded < 0) {
 		job_reject(j, "builtins", j->m.exc_type, j->m.reason, j->m.reason);
@@ -184,10 +225,10 @@ job_leave_slot(struct job *j)
 		w->running--;
 		j->slot = -1;
 	}
-	if (j->soft_ev != NULL)
-		evtimer_del(j->soft_ev);
-	if (j->hard_ev != NULL)
-		evtimer_del(j->hard_ev);
+	if (j->timers_assigned) {
+		evtimer_del(&j->soft_ev);
+		evtimer_del(&j->hard_ev);
+	}
 }
 
 /* The task ignored its soft limit: record TimeLimitExceeded now; the task's own end is ignored. */
@@ -220,14 +261,12 @@ job_hard_cb(evutil_socket_t fd, short what, void *arg)
 }
 
 static void
-job_timer(struct job *j, struct event **ev, double s, event_callback_fn cb)
+job_timer(struct job *j, struct event *ev, double s)
 {
 	if (s <= 0)
 		return;
-	if (*ev == NULL)
-		*ev = evtimer_new(j->w->base, cb, j);
 	struct timeval tv = {(time_t)s, (suseconds_t)((s - (double)(time_t)s) * 1e6)};
-	evtimer_add(*ev, &tv);
+	evtimer_add(ev, &tv);
 }
 
 static void job_task_done(struct task_run *run);
@@ -251,8 +290,13 @@ job_start(struct job *j, int slot)
 	report_start(&w->rep, slot, hard, m->task_id, m->task_name);
 	j->started_report = true;
 	j->slot_reported = slot;
-	job_timer(j, &j->soft_ev, soft, job_soft_cb);
-	job_timer(j, &j->hard_ev, hard, job_hard_cb);
+	if (!j->timers_assigned) {
+		evtimer_assign(&j->soft_ev, w->base, job_soft_cb, j);
+		evtimer_assign(&j->hard_ev, w->base, job_hard_cb, j);
+		j->timers_assigned = true;
+	}
+	job_timer(j, &j->soft_ev, soft);
+	job_timer(j, &j->hard_ev, hard);
 
 	struct task_run *run = &j->run;
 	run->task_id = m->task_id;

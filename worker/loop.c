@@ -104,6 +104,7 @@ engine_free(struct worker *w)
 	free(w->probe_len);
 	free(w->qlen_acc);
 	free(w->slots);
+	free(w->to_record);
 	free(w->proc_key);
 	free(w->landing_key);
 	free(w->alive_key);
@@ -254,6 +255,7 @@ engine_tick_cb(evutil_socket_t fd, short what, void *arg)
 {
 	struct worker *w = arg;
 	job_dispatch(w);
+	job_flush_records(w);
 	fetch_kick(w);
 	/* memory once per batch of finished tasks (Celery checks after each task; a batch is one loop pass) */
 	if (w->processed != w->rss_checked_at) {

@@ -169,8 +169,9 @@ out_ack_plain(struct job *j, bool last)
 	struct worker *w = j->w;
 	const char *lrem[] = {"LREM", w->proc_key, "1", j->raw};
 	size_t ll[] = {4, strlen(w->proc_key), 1, j->len};
-	out_cmd(j, &w->broker, last && j->tag[0] == '\0', 4, lrem, ll);
-	if (j->tag[0] != '\0') {
+	bool recorded = j->tag[0] != '\0' && (j->record_sent || !j->unrecorded);
+	out_cmd(j, &w->broker, last && !recorded, 4, lrem, ll);
+	if (recorded) {
 		const char *hdel[] = {"HDEL", KEY_UNACKED, j->tag};
 		out_cmd(j, &w->broker, false, 3, hdel, NULL);
 		const char *zrem[] = {"ZREM", KEY_UNACKED_INDEX, j->tag};
@@ -387,8 +388,10 @@ outcome_record(struct job *j)
 	const char *hset[] = {"HSET", KEY_UNACKED, j->tag, b->p};
 	size_t hl[] = {4, strlen(KEY_UNACKED), strlen(j->tag), b->len};
 	const char *zadd[] = {"ZADD", KEY_UNACKED_INDEX, now, j->tag};
-	if (rpipe_send(&w->broker, outcome_record_cb, j, 4, hset, hl) == 0)
+	if (rpipe_send(&w->broker, outcome_record_cb, j, 4, hset, hl) == 0) {
 		j->record_pending++;
+		j->record_sent = true;
+	}
 	if (rpipe_send(&w->broker, outcome_record_cb, j, 4, zadd, NULL) == 0)
 		j->record_pending++;
 }

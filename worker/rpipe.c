@@ -123,6 +123,42 @@ rpipe_reply(redisAsyncContext *ac, void *reply, void *privdata)
 	cb(p, reply, arg);
 }
 
+/* Decimal digits of v into b (the RESP lengths: printf-free, it runs for every argument). */
+static void
+rpipe_add_num(struct sbuf *b, size_t v)
+{
+	char tmp[24];
+	int n = 0;
+	do
+		tmp[n++] = (char)('0' + v % 10);
+	while ((v /= 10) > 0);
+	char out[24];
+	for (int i = 0; i < n; i++)
+		out[i] = tmp[n - 1 - i];
+	sbuf_add(b, out, (size_t)n);
+}
+
+/*
+ * The RESP encoding of a command, written here rather than by hiredis's redisAsyncCommandArgv: its formatter
+ * (sdscatfmt into a fresh sds per command) was the worker's largest single cost per task.
+ */
+static void
+rpipe_format(struct sbuf *b, int argc, const char **argv, const size_t *lens)
+{
+	sbuf_reset(b);
+	sbuf_add(b, "*", 1);
+	rpipe_add_num(b, (size_t)argc);
+	sbuf_add(b, "\r\n", 2);
+	for (int i = 0; i < argc; i++) {
+		size_t n = lens ? lens[i] : strlen(argv[i]);
+		sbuf_add(b, "$", 1);
+		rpipe_add_num(b, n);
+		sbuf_add(b, "\r\n", 2);
+		sbuf_add(b, argv[i], n);
+		sbuf_add(b, "\r\n", 2);
+	}
+}
+
 /* Queue a command on the connection even before it is ready (the start-up sequence). */
 static int
 rpipe_queue(struct rpipe *p, rpipe_cb cb, void *arg, int argc, const char **argv, const size_t *lens)
@@ -136,7 +172,8 @@ rpipe_queue(struct rpipe *p, rpipe_cb cb, void *arg, int argc, const char **argv
 		c = xmalloc(sizeof *c);
 	c->cb = cb;
 	c->arg = arg;
-	if (redisAsyncCommandArgv(p->ac, rpipe_reply, c, argc, argv, lens) != REDIS_OK) {
+	rpipe_format(&p->fmt, argc, argv, lens);
+	if (redisAsyncFormattedCommand(p->ac, rpipe_reply, c, p->fmt.p, p->fmt.len) != REDIS_OK) {
 		c->next = p->free_calls;
 		p->free_calls = c;
 		return -1;
@@ -366,6 +403,7 @@ rpipe_close(struct rpipe *p)
 	if (p->retry_ev != NULL)
 		event_free(p->retry_ev);
 	p->retry_ev = NULL;
+	sbuf_free(&p->fmt);
 	while (p->free_calls != NULL) {
 		struct rcall *c = p->free_calls;
 		p->free_calls = c->next;

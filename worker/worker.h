@@ -25,6 +25,7 @@
 #ifndef SPARK_WORKER_H
 #define SPARK_WORKER_H
 
+#include <event2/event_struct.h>
 #include <hiredis.h>
 #include <jansson.h>
 #include <stdbool.h>
@@ -197,6 +198,7 @@ struct rpipe {
 	double last_progress;         /* monotonic: last reply, or when inflight went from 0 to 1 */
 	char sha[SCRIPT_COUNT][41];
 	struct rcall *free_calls; /* spare command records */
+	struct sbuf fmt;          /* the command being encoded */
 	/* called once ready after each (re)connect, and when the connection is lost */
 	void (*on_up)(struct rpipe *p);
 	void (*on_down)(struct rpipe *p);
@@ -252,7 +254,10 @@ struct job {
 	int slot;     /* slot index while running, else -1 */
 	task_fn fn;
 	struct task_run run;
-	struct event *soft_ev, *hard_ev;
+	struct event soft_ev, hard_ev; /* embedded: a job's timers cost no allocation */
+	bool timers_assigned;
+	bool record_sent;   /* kombu's records went out (else the ack has nothing of kombu's to remove) */
+	bool record_queued; /* waiting in w->to_record for the end of the tick */
 	double started_mono;
 	bool store_result;   /* outcome metas go to the result backend */
 	bool started_report; /* a start report went to sparkd */
@@ -297,6 +302,8 @@ struct worker {
 	char problem[400]; /* why the last one went down */
 
 	struct jobq jobs; /* every message this process holds */
+	struct job **to_record; /* jobs fetched this tick whose kombu records wait for the tick's end */
+	int nto_record, to_record_cap;
 	int njobs;
 	int running;        /* jobs in a slot */
 	struct job **slots; /* nslots entries: the job in each slot, or NULL */
@@ -372,6 +379,9 @@ void job_dispatch(struct worker *w); /* start reserved jobs in free slots */
 void job_cancel_all(struct worker *w, enum task_cancel why);
 void job_abandon_running(struct worker *w);  /* cold stop, grace over: put back what still runs */
 void job_requeue_reserved(struct worker *w); /* warm stop: put back what has not started */
+void job_queue_record(struct job *j);
+void job_unqueue_record(struct job *j);
+void job_flush_records(struct worker *w); /* end of tick: kombu's records of the jobs still held */
 
 /* outcome.c */
 void outcome_write(struct job *j);     /* write j's end (j->out set); frees j once confirmed */
