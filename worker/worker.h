@@ -123,6 +123,8 @@ void message_format_iso(double t, bool aware, char *buf, size_t len);
  * decode: a NUL-terminated copy, or NULL for anything malformed; encode: NUL-terminated. Caller frees. */
 unsigned char *message_b64_decode(const char *s, size_t len, size_t *outlen);
 char *message_b64_encode(const unsigned char *p, size_t len);
+/* Decode into out (which may be s itself: output never passes input). 0, or -1 for malformed input. */
+int message_b64_decode_into(const char *s, size_t len, unsigned char *out, size_t *outlen);
 
 void message_uuid4(char out[37]);
 /* kombu's priority step (0, 3, 6, 9) and the Redis key of a queue at a priority (caller frees). */
@@ -301,7 +303,7 @@ struct worker {
 	int down;          /* connections currently down (for the "problem" report) */
 	char problem[400]; /* why the last one went down */
 
-	struct jobq jobs; /* every message this process holds */
+	struct jobq jobs;       /* every message this process holds */
 	struct job **to_record; /* jobs fetched this tick whose kombu records wait for the tick's end */
 	int nto_record, to_record_cap;
 	int njobs;
