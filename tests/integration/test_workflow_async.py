@@ -330,3 +330,41 @@ def test_recovery_of_a_dead_workers_rows(migrated, driver, langflow):
         cur.execute("SELECT status FROM workers WHERE id = %s", (dead,))
         assert cur.fetchone()[0] == "stopped"
     assert "marked failed (worker lost)" in driver.stderr()
+
+
+def test_database_lost_mid_call(tmp_path, langflow):
+    """PostgreSQL goes away while the calls are in flight: every run ends TASK_DEFER (its message comes back and
+    finds the row), none is left waiting, and the driver still shuts down."""
+    with pgserver.PgServer() as pg:  # its own directory: the postgres user cannot reach tmp_path
+        d = Driver(tmp_path, pg.url)
+        (r,) = d.run([{"task": EXECUTE, "arg": str(uuid.uuid4())}])  # migrates
+        conn = psycopg2.connect(pg.url)
+        conn.autocommit = True
+        db = type("Db", (), {"url": pg.url, "conn": conn})
+        _sources.pop((langflow.url, "langflow"), None)
+        scheds = [schedule(db, langflow) for _ in range(20)]
+        _sources.pop((langflow.url, "langflow"), None)
+        conn.close()
+        langflow.hold = len(scheds)
+        gate = threading.Event()
+        orig = langflow.route
+        langflow.route = lambda req: (gate.wait(t(30)), orig(req))[1]
+        try:
+            d.start([{"task": EXECUTE, "arg": s} for s in scheds], shutdown_timeout=5)
+            harness.wait_for(lambda: langflow.max_in_flight == len(scheds), t(30), what="every call in flight")
+            pg.pause()
+            gate.set()
+            runs = d.finish()
+        finally:
+            langflow.route = orig
+        assert {r["outcome"] for r in runs} == {"defer"}, runs
+        assert all("database unavailable" in r["exc_message"] for r in runs)
+        assert "could not mark this worker stopped" in d.stderr()
+        pg.resume()
+        c = psycopg2.connect(pg.url)
+        with c.cursor() as cur:
+            # left running for the redelivered messages (or recovery); the test server runs with
+            # synchronous_commit=off and stops at once, so its last acknowledged claims may be gone
+            cur.execute("SELECT DISTINCT status FROM tasks")
+            assert cur.fetchall() == [("running",)]
+        c.close()
