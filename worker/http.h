@@ -18,12 +18,13 @@ struct event;
 #define HTTP_MAX_REPLY (32L * 1024 * 1024) /* bound a worker's memory against a runaway reply */
 
 struct http_xfer;
+TAILQ_HEAD(http_xferq, http_xfer);
 
 struct http {
 	CURLM *multi;
 	struct event_base *base;
 	struct event *timer;
-	TAILQ_HEAD(, http_xfer) xfers; /* transfers in the multi */
+	struct http_xferq xfers; /* transfers in the multi */
 	int active;
 };
 

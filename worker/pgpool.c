@@ -447,7 +447,7 @@ pg_conn_connect(struct pg_conn *c)
 static void
 pg_fail_queue(struct pgpool *p, double min_wait, const char *err)
 {
-	TAILQ_HEAD(, pg_unit) failing = TAILQ_HEAD_INITIALIZER(failing);
+	struct pg_unitq failing = TAILQ_HEAD_INITIALIZER(failing);
 	double now = now_mono();
 	struct pg_unit *u, *next;
 	for (u = TAILQ_FIRST(&p->queue); u; u = next) {

@@ -30,6 +30,7 @@ struct event;
 struct pgpool;
 struct pg_conn;
 struct pg_unit;
+TAILQ_HEAD(pg_unitq, pg_unit);
 
 typedef void (*pg_unit_fn)(struct pg_unit *u);
 
@@ -95,7 +96,7 @@ struct pgpool {
 	char *url;
 	int size;
 	struct pg_conn *conns;
-	TAILQ_HEAD(, pg_unit) queue;
+	struct pg_unitq queue;
 	int nqueued;
 	struct event *kick_ev;  /* run the queue on the next loop turn */
 	struct event *watch_ev; /* deadlines of queued units and of steps */

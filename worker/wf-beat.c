@@ -41,9 +41,7 @@ wf_stats(struct wf_state *st)
 	                        st->node_json, SPARK_VERSION, st->nslots, st->processed, st->succeeded, st->failed,
 	                        st->retried, st->started);
 	bool first = true;
-	struct wf_job *j;
-	TAILQ_FOREACH(j, &st->jobs, entry)
-	{
+	for (struct wf_job *j = TAILQ_FIRST(&st->jobs); j; j = TAILQ_NEXT(j, entry)) {
 		if (!j->current)
 			continue;
 		len += (size_t)snprintf(s + len, cap - len, "%s\"%s\"", first ? "" : ",", j->row);
@@ -69,13 +67,9 @@ wf_send_worker_upsert(struct wf_state *st, struct pg_unit *u, bool task_path, co
 {
 	char *stats = wf_stats(st);
 	const char *cur = own_row;
-	struct wf_job *j;
-	if (!cur)
-		TAILQ_FOREACH(j, &st->jobs, entry)
-	if (j->current && j->committed) {
-		cur = j->row;
-		break;
-	}
+	for (struct wf_job *j = TAILQ_FIRST(&st->jobs); j && !cur; j = TAILQ_NEXT(j, entry))
+		if (j->current && j->committed)
+			cur = j->row;
 	if (task_path) {
 		const char *p[] = {st->worker_id, spark_hostname(), st->pid, stats, cur};
 		pg_send(

@@ -207,8 +207,7 @@ wf_rec_batch_done(struct pg_unit *u)
 		TAILQ_INSERT_TAIL(&batch, j, qentry);
 	}
 	int k = 0;
-	TAILQ_FOREACH(j, &batch, qentry)
-	{
+	for (j = TAILQ_FIRST(&batch); j; j = TAILQ_NEXT(j, qentry)) {
 		const char *v = u->ok ? pg_value(u, 1 + 2 * k, 0, 0) : NULL; /* BEGIN, then UPDATE + INSERT each */
 		j->row_json = v ? xstrdup(v) : NULL;
 		k++;

@@ -163,17 +163,14 @@ run_call(struct source_call *c, const struct source_request *req, double abort_a
 	int calls = 0;
 	source_start(&h, c, req, on_call_done, &calls);
 	struct timeval tv = {0, (suseconds_t)(abort_after * 1e6)};
-	while (calls == 0) {
-		if (abort_after > 0) {
-			event_base_loopexit(base, &tv);
-			event_base_dispatch(base);
-			if (calls == 0)
-				source_abort(c);
-			abort_after = 0;
-		} else {
-			event_base_loop(base, EVLOOP_ONCE);
-		}
+	if (abort_after > 0) {
+		event_base_loopexit(base, &tv);
+		event_base_dispatch(base);
+		if (calls == 0)
+			source_abort(c); /* done runs before source_abort returns */
 	}
+	while (calls == 0)
+		event_base_loop(base, EVLOOP_ONCE);
 	http_free(&h);
 	event_base_free(base);
 	return calls;
