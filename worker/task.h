@@ -35,9 +35,9 @@ struct task_run {
 	/* ---- in (borrowed, valid until the task has called done) ---- */
 	const char *task_id; /* Celery task id */
 	const char *task_name;
-	json_t *args;    /* JSON array; built only for tasks registered with needs_dom */
-	json_t *kwargs;  /* JSON object; ditto */
-	json_t *headers; /* the message headers object; ditto */
+	json_t *args;          /* JSON array; built only for tasks registered with needs_dom */
+	json_t *kwargs;        /* JSON object; ditto */
+	json_t *headers;       /* the message headers object; ditto */
 	const char *arg0_json; /* raw JSON of args[0] (NULL when args is empty): for copy-through tasks */
 	size_t arg0_len;
 	const char *kwargs_json; /* raw JSON of kwargs */
@@ -48,8 +48,8 @@ struct task_run {
 	double retry_countdown; /* seconds until the retry, if this run ends TASK_RETRY and retries remain */
 	bool redelivered;       /* the message was put back after a crash or stop: the task may have run before */
 	const struct spark_config *cfg;
-	int slot;         /* slot number inside this process (0-based) */
-	const char *node; /* worker node name, e.g. celery-1@host */
+	int slot;                /* slot number inside this process (0-based) */
+	const char *node;        /* worker node name, e.g. celery-1@host */
 	struct event_base *base; /* the process's loop: tasks wait on it, never block it */
 
 	/*

@@ -84,6 +84,7 @@ wf_wipe_free(char *s, size_t n)
 void
 wf_job_free(struct wf_job *j)
 {
+	free(j->call.url); /* set only while a call is in flight (destroy abandons it) */
 	pg_unit_release(&j->unit);
 	wf_record_free(j);
 	wf_wipe_free(j->api_key, j->keylen);
