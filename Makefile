@@ -38,7 +38,7 @@ PL = $(shell $(PKG_CONFIG) --libs $(1) 2>/dev/null)
 PKGS_COMMON =
 PKGS_SPARKD = $(PKGS_COMMON) libevent msgpack
 PKGS_WORKER = $(PKGS_COMMON) hiredis jansson libevent
-PKGS_WORKFLOW = libpq libcurl libcrypto jansson
+PKGS_WORKFLOW = libpq libcurl libcrypto jansson libevent
 PKGS_CTL = $(PKGS_COMMON) msgpack jansson
 
 COMMON_SRC = $(wildcard common/*.c)
@@ -47,7 +47,9 @@ SPARKD_SRC = $(wildcard sparkd/*.c)
 WORKER_SRC = $(wildcard worker/*.c)
 # The workflow stack (PostgreSQL, HTTP sources, Fernet): built into spark-workflow.so, never into spark-worker,
 # which loads it with dlopen (worker/workflow-loader.c) only when DATABASE_URL is set.
-WORKFLOW_SRC = worker/workflow.c worker/store.c worker/source.c worker/fernet.c worker/workflow-plugin.c
+WORKFLOW_CORE_SRC = worker/workflow.c worker/wf-record.c worker/wf-beat.c worker/wf-state.c worker/pgpool.c \
+    worker/store.c worker/http.c worker/source.c worker/source-shape.c worker/fernet.c
+WORKFLOW_SRC = $(WORKFLOW_CORE_SRC) worker/workflow-plugin.c
 WORKER_EXE_SRC = $(filter-out $(WORKFLOW_SRC),$(WORKER_SRC))
 CTL_SRC = $(wildcard sparkctl/*.c)
 
@@ -106,7 +108,7 @@ $(BUILD)/bin/sparkctl: $(call obj,$(CTL_SRC) $(COMMON_SRC) $(PROTO_SRC))
 # (and except workflow-loader.c: the tests link the workflow code itself)
 UNIT_SRC = $(wildcard tests/unit/test_*.c)
 UNIT_BINS = $(patsubst tests/unit/%.c,$(BUILD)/tests/%,$(UNIT_SRC))
-WORKER_LIB_SRC = $(filter-out worker/main.c worker/workflow-loader.c,$(WORKER_SRC))
+WORKER_LIB_SRC = $(filter-out worker/main.c,$(WORKER_SRC))
 SPARKD_LIB_SRC = $(filter-out sparkd/main.c,$(SPARKD_SRC))
 UNIT_PKGS = $(PKGS_WORKER) $(PKGS_WORKFLOW) $(PKGS_SPARKD) cmocka
 
@@ -127,7 +129,17 @@ $(BUILD)/tests/test_sparkctl_%: $(BUILD)/obj/tests/unit/test_sparkctl_%.o $(call
 test-unit: $(UNIT_BINS)
 	@set -e; for t in $(UNIT_BINS); do echo "== $$t"; $$t; done
 
-test-integration: $(BINS)
+# The workflow plugin's driver (tests/driver/wf_async.c): an event loop running workflow tasks through the plugin's
+# sources linked directly, for tests/integration/test_workflow_async.py.
+WF_DRIVER = $(BUILD)/tests/wf-async-driver
+$(BUILD)/obj/tests/driver/%.o: tests/driver/%.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CPPFLAGS_ALL) -Iworker $(CFLAGS_ALL) $(call PC,$(PKGS_WORKFLOW)) -MMD -MP -c $< -o $@
+$(WF_DRIVER): $(BUILD)/obj/tests/driver/wf_async.o $(call obj,$(WORKFLOW_SRC) $(COMMON_SRC))
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_ALL) $(LDFLAGS) -o $@ $^ $(call PL,$(PKGS_WORKFLOW)) -lm
+
+test-integration: $(BINS) $(WF_DRIVER)
 	SPARK_BIN_DIR=$(abspath $(BUILD)/bin) SPARK_SAN=$(SAN) $(PYTHON) -m pytest -q -x -p no:cacheprovider tests/integration $(PYTEST_ARGS)
 
 test: deps
@@ -161,7 +173,7 @@ uninstall:
 clean:
 	rm -rf build build-san
 
-FORMAT_SRC = $(wildcard common/*.[ch] proto/*.[ch] sparkd/*.[ch] worker/*.[ch] sparkctl/*.[ch] tests/unit/*.c)
+FORMAT_SRC = $(wildcard common/*.[ch] proto/*.[ch] sparkd/*.[ch] worker/*.[ch] sparkctl/*.[ch] tests/unit/*.c tests/driver/*.c)
 format:
 	clang-format -i $(FORMAT_SRC)
 check-format:

@@ -56,6 +56,7 @@ struct spark_config {
 	int log_keep;       /* rotated files kept */
 	double start_timeout;
 	double heartbeat_interval; /* SPARK_HEARTBEAT_INTERVAL: workers table heartbeat, seconds */
+	int db_pool_size;          /* SPARK_DB_POOL_SIZE: PostgreSQL connections per worker process */
 
 	char *env_file; /* the env file that was read, or NULL */
 	bool concurrency_forced;

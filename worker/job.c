@@ -319,6 +319,7 @@ job_start(struct job *j, int slot)
 	run->base = w->base;
 	run->done = job_task_done;
 	run->engine = j;
+	run->task = &w->workflow; /* how workflow tasks find the plugin (task.h); others replace it */
 	atomic_store(&run->cancel_flag, w->cold ? TASK_CANCEL_SHUTDOWN : TASK_CANCEL_NONE);
 	run->cancel = &run->cancel_flag;
 	run->outcome = TASK_SUCCESS;

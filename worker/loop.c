@@ -78,6 +78,7 @@ engine_init(struct worker *w, const struct spark_config *cfg, const char *node, 
 void
 engine_free(struct worker *w)
 {
+	workflow_close(&w->workflow);
 	rpipe_close(&w->broker);
 	rpipe_close(&w->notify);
 	rpipe_close(&w->backend);
@@ -164,13 +165,21 @@ engine_conn_state(struct worker *w)
 /* ---- the end ---- */
 
 static void
-engine_leave(struct worker *w)
+engine_left(void *arg)
 {
-	if (w->exit_ev == NULL)
-		return; /* not leaving yet */
-	workflow_shutdown();
+	struct worker *w = arg;
 	report_flush(&w->rep);
 	event_base_loopexit(w->base, NULL);
+}
+
+/* The workflow plugin writes its last rows (workers row stopped), then the loop ends. */
+static void
+engine_leave(struct worker *w)
+{
+	if (w->exit_ev == NULL || w->leaving)
+		return; /* not leaving yet, or already */
+	w->leaving = true;
+	workflow_shutdown(&w->workflow, EXIT_DEADLINE_S, engine_left, w);
 }
 
 static void
@@ -316,7 +325,7 @@ engine_started(struct worker *w, bool ok)
 	if (w->started)
 		return;
 	w->started = true;
-	if (workflow_init(w->cfg, w->node, w->nslots) < 0)
+	if (workflow_open(&w->workflow, w->cfg, w->node, w->nslots, w->base) < 0)
 		log_warnx("Workflow support could not be initialised; workflow tasks will retry it");
 	char queues[512] = "";
 	for (int i = 0; i < w->cfg->nqueues; i++) {

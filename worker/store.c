@@ -16,105 +16,101 @@ struct store {
 	bool lost; /* the last failure was transient: connection gone, deadlock, serialization or lock timeout */
 };
 
-/* Any 64-bit constant shared by every worker: serialises migrations across processes and hosts. */
-#define STORE_MIGRATE_LOCK 0x5370726b4d696772LL /* "SprkMigr" */
-
 /*
  * The automagik-spark schema (reference/automagik-spark.md). CREATE TABLE IF NOT EXISTS so that an existing
  * automagik-spark database is used as it is: its tables, columns and constraints are never altered.
  */
-static const char migration_1[] = "CREATE TABLE IF NOT EXISTS workflow_sources ("
-                                  " id uuid PRIMARY KEY,"
-                                  " name varchar(255),"
-                                  " source_type varchar(50) NOT NULL,"
-                                  " url varchar(255) NOT NULL UNIQUE,"
-                                  " encrypted_api_key varchar NOT NULL,"
-                                  " version_info json,"
-                                  " status varchar(50) NOT NULL DEFAULT 'active',"
-                                  " created_at timestamptz DEFAULT now(),"
-                                  " updated_at timestamptz DEFAULT now());"
-                                  "CREATE TABLE IF NOT EXISTS workflows ("
-                                  " id uuid PRIMARY KEY,"
-                                  " name varchar(255) NOT NULL,"
-                                  " description text,"
-                                  " data json,"
-                                  " flow_raw_data json,"
-                                  " source varchar(50) NOT NULL,"
-                                  " remote_flow_id varchar(255) NOT NULL,"
-                                  " flow_version integer DEFAULT 1,"
-                                  " workflow_source_id uuid REFERENCES workflow_sources(id),"
-                                  " input_component varchar(255),"
-                                  " output_component varchar(255),"
-                                  " is_component boolean DEFAULT false,"
-                                  " folder_id varchar(255),"
-                                  " folder_name varchar(255),"
-                                  " icon varchar(255),"
-                                  " icon_bg_color varchar(50),"
-                                  " liked boolean DEFAULT false,"
-                                  " tags json,"
-                                  " gradient boolean DEFAULT false,"
-                                  " created_at timestamptz DEFAULT now(),"
-                                  " updated_at timestamptz DEFAULT now());"
-                                  "CREATE TABLE IF NOT EXISTS workflow_components ("
-                                  " id uuid PRIMARY KEY,"
-                                  " workflow_id uuid NOT NULL REFERENCES workflows(id),"
-                                  " component_id varchar(255) NOT NULL,"
-                                  " type varchar(50) NOT NULL,"
-                                  " template json,"
-                                  " tweakable_params json,"
-                                  " is_input boolean DEFAULT false,"
-                                  " is_output boolean DEFAULT false,"
-                                  " created_at timestamptz DEFAULT now(),"
-                                  " updated_at timestamptz DEFAULT now());"
-                                  "CREATE TABLE IF NOT EXISTS schedules ("
-                                  " id uuid PRIMARY KEY,"
-                                  " workflow_id uuid NOT NULL REFERENCES workflows(id),"
-                                  " schedule_type varchar NOT NULL,"
-                                  " schedule_expr varchar NOT NULL,"
-                                  " params json,"
-                                  " input_data varchar,"
-                                  " status varchar NOT NULL DEFAULT 'active',"
-                                  " next_run_at timestamptz,"
-                                  " created_at timestamptz DEFAULT now(),"
-                                  " updated_at timestamptz DEFAULT now());"
-                                  "CREATE TABLE IF NOT EXISTS tasks ("
-                                  " id uuid PRIMARY KEY,"
-                                  " workflow_id uuid NOT NULL REFERENCES workflows(id),"
-                                  " schedule_id uuid REFERENCES schedules(id),"
-                                  " status varchar(50) NOT NULL DEFAULT 'pending',"
-                                  " input_data json NOT NULL,"
-                                  " output_data json,"
-                                  " error varchar,"
-                                  " next_retry_at timestamptz,"
-                                  " tries integer NOT NULL DEFAULT 0,"
-                                  " max_retries integer NOT NULL DEFAULT 3,"
-                                  " created_at timestamptz DEFAULT now(),"
-                                  " started_at timestamptz,"
-                                  " finished_at timestamptz,"
-                                  " updated_at timestamptz DEFAULT now());"
-                                  "CREATE TABLE IF NOT EXISTS task_logs ("
-                                  " id uuid PRIMARY KEY,"
-                                  " task_id uuid NOT NULL REFERENCES tasks(id),"
-                                  " level varchar NOT NULL,"
-                                  " message varchar NOT NULL,"
-                                  " component_id varchar,"
-                                  " created_at timestamptz NOT NULL DEFAULT now());"
-                                  "CREATE TABLE IF NOT EXISTS workers ("
-                                  " id uuid PRIMARY KEY,"
-                                  " hostname varchar(255) NOT NULL,"
-                                  " pid integer NOT NULL,"
-                                  " status varchar(50) NOT NULL DEFAULT 'active',"
-                                  " current_task_id uuid REFERENCES tasks(id),"
-                                  " stats json,"
-                                  " created_at timestamptz DEFAULT now(),"
-                                  " updated_at timestamptz DEFAULT now(),"
-                                  " last_heartbeat timestamptz);";
+static const char *const migration_1[] = {
+    "CREATE TABLE IF NOT EXISTS workflow_sources ("
+    " id uuid PRIMARY KEY,"
+    " name varchar(255),"
+    " source_type varchar(50) NOT NULL,"
+    " url varchar(255) NOT NULL UNIQUE,"
+    " encrypted_api_key varchar NOT NULL,"
+    " version_info json,"
+    " status varchar(50) NOT NULL DEFAULT 'active',"
+    " created_at timestamptz DEFAULT now(),"
+    " updated_at timestamptz DEFAULT now())",
+    "CREATE TABLE IF NOT EXISTS workflows ("
+    " id uuid PRIMARY KEY,"
+    " name varchar(255) NOT NULL,"
+    " description text,"
+    " data json,"
+    " flow_raw_data json,"
+    " source varchar(50) NOT NULL,"
+    " remote_flow_id varchar(255) NOT NULL,"
+    " flow_version integer DEFAULT 1,"
+    " workflow_source_id uuid REFERENCES workflow_sources(id),"
+    " input_component varchar(255),"
+    " output_component varchar(255),"
+    " is_component boolean DEFAULT false,"
+    " folder_id varchar(255),"
+    " folder_name varchar(255),"
+    " icon varchar(255),"
+    " icon_bg_color varchar(50),"
+    " liked boolean DEFAULT false,"
+    " tags json,"
+    " gradient boolean DEFAULT false,"
+    " created_at timestamptz DEFAULT now(),"
+    " updated_at timestamptz DEFAULT now())",
+    "CREATE TABLE IF NOT EXISTS workflow_components ("
+    " id uuid PRIMARY KEY,"
+    " workflow_id uuid NOT NULL REFERENCES workflows(id),"
+    " component_id varchar(255) NOT NULL,"
+    " type varchar(50) NOT NULL,"
+    " template json,"
+    " tweakable_params json,"
+    " is_input boolean DEFAULT false,"
+    " is_output boolean DEFAULT false,"
+    " created_at timestamptz DEFAULT now(),"
+    " updated_at timestamptz DEFAULT now())",
+    "CREATE TABLE IF NOT EXISTS schedules ("
+    " id uuid PRIMARY KEY,"
+    " workflow_id uuid NOT NULL REFERENCES workflows(id),"
+    " schedule_type varchar NOT NULL,"
+    " schedule_expr varchar NOT NULL,"
+    " params json,"
+    " input_data varchar,"
+    " status varchar NOT NULL DEFAULT 'active',"
+    " next_run_at timestamptz,"
+    " created_at timestamptz DEFAULT now(),"
+    " updated_at timestamptz DEFAULT now())",
+    "CREATE TABLE IF NOT EXISTS tasks ("
+    " id uuid PRIMARY KEY,"
+    " workflow_id uuid NOT NULL REFERENCES workflows(id),"
+    " schedule_id uuid REFERENCES schedules(id),"
+    " status varchar(50) NOT NULL DEFAULT 'pending',"
+    " input_data json NOT NULL,"
+    " output_data json,"
+    " error varchar,"
+    " next_retry_at timestamptz,"
+    " tries integer NOT NULL DEFAULT 0,"
+    " max_retries integer NOT NULL DEFAULT 3,"
+    " created_at timestamptz DEFAULT now(),"
+    " started_at timestamptz,"
+    " finished_at timestamptz,"
+    " updated_at timestamptz DEFAULT now())",
+    "CREATE TABLE IF NOT EXISTS task_logs ("
+    " id uuid PRIMARY KEY,"
+    " task_id uuid NOT NULL REFERENCES tasks(id),"
+    " level varchar NOT NULL,"
+    " message varchar NOT NULL,"
+    " component_id varchar,"
+    " created_at timestamptz NOT NULL DEFAULT now())",
+    "CREATE TABLE IF NOT EXISTS workers ("
+    " id uuid PRIMARY KEY,"
+    " hostname varchar(255) NOT NULL,"
+    " pid integer NOT NULL,"
+    " status varchar(50) NOT NULL DEFAULT 'active',"
+    " current_task_id uuid REFERENCES tasks(id),"
+    " stats json,"
+    " created_at timestamptz DEFAULT now(),"
+    " updated_at timestamptz DEFAULT now(),"
+    " last_heartbeat timestamptz)",
+    NULL,
+};
 
-static const struct {
-	int version;
-	const char *what;
-	const char *sql;
-} migrations[] = {
+static const struct store_migration migrations[] = {
     {1, "automagik-spark tables", migration_1},
 };
 #define NMIGRATIONS (sizeof(migrations) / sizeof(migrations[0]))
@@ -126,6 +122,27 @@ int
 store_schema_version(void)
 {
 	return migrations[NMIGRATIONS - 1].version;
+}
+
+int
+store_migration_count(void)
+{
+	return (int)NMIGRATIONS;
+}
+
+const struct store_migration *
+store_migration_get(int i)
+{
+	return i >= 0 && i < (int)NMIGRATIONS ? &migrations[i] : NULL;
+}
+
+const char *
+store_schema_check_sql(void)
+{
+	return "SELECT to_regclass('workflow_sources') IS NOT NULL AND to_regclass('workflows') IS NOT NULL"
+	       " AND to_regclass('workflow_components') IS NOT NULL AND to_regclass('schedules') IS NOT NULL"
+	       " AND to_regclass('tasks') IS NOT NULL AND to_regclass('task_logs') IS NOT NULL"
+	       " AND to_regclass('workers') IS NOT NULL";
 }
 
 struct store *
@@ -319,36 +336,32 @@ store_migrate(struct store *s, FILE *out, char *err, size_t errlen)
 	char lock[32];
 	snprintf(lock, sizeof(lock), "%lld", (long long)STORE_MIGRATE_LOCK);
 	const char *lp[] = {lock};
-	if (store_exec(s, "SELECT pg_advisory_xact_lock($1::bigint)", 1, lp, err, errlen) < 0 ||
-	    store_exec(s,
-	               "CREATE TABLE IF NOT EXISTS spark_schema_migrations ("
-	               " version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())",
-	               0, NULL, err, errlen) < 0)
+	if (store_exec(s, STORE_SQL_MIGRATE_LOCK, 1, lp, err, errlen) < 0 ||
+	    store_exec(s, STORE_SQL_MIGRATIONS_TABLE, 0, NULL, err, errlen) < 0)
 		goto fail;
 	int applied = 0;
 	for (size_t i = 0; i < NMIGRATIONS; i++) {
 		char v[16];
 		snprintf(v, sizeof(v), "%d", migrations[i].version);
 		const char *vp[] = {v};
-		PGresult *r =
-		    store_query(s, "SELECT 1 FROM spark_schema_migrations WHERE version = $1", 1, vp, err, errlen);
+		PGresult *r = store_query(s, STORE_SQL_MIGRATION_DONE, 1, vp, err, errlen);
 		if (!r)
 			goto fail;
 		bool done = PQntuples(r) > 0;
 		PQclear(r);
 		if (done)
 			continue;
-		/* simple query protocol: a migration is several statements */
-		PGresult *m = PQexec(s->conn, migrations[i].sql);
-		if (PQresultStatus(m) != PGRES_COMMAND_OK) {
-			pq_error(err, errlen, "migration failed", PQresultErrorMessage(m));
-			s->lost = failure_is_connection(s->conn, m);
+		for (const char *const *q = migrations[i].sql; *q; q++) {
+			PGresult *m = PQexec(s->conn, *q);
+			if (PQresultStatus(m) != PGRES_COMMAND_OK) {
+				pq_error(err, errlen, "migration failed", PQresultErrorMessage(m));
+				s->lost = failure_is_connection(s->conn, m);
+				PQclear(m);
+				goto fail;
+			}
 			PQclear(m);
-			goto fail;
 		}
-		PQclear(m);
-		if (store_exec(s, "INSERT INTO spark_schema_migrations (version, applied_at) VALUES ($1, now())", 1, vp,
-		               err, errlen) < 0)
+		if (store_exec(s, STORE_SQL_MIGRATION_RECORD, 1, vp, err, errlen) < 0)
 			goto fail;
 		if (out)
 			fprintf(out, "applied migration %d: %s\n", migrations[i].version, migrations[i].what);

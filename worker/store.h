@@ -1,6 +1,6 @@
 /*
- * PostgreSQL access for workflow tasks (libpq): one connection per slot thread (plus one for the heartbeat), lazy
- * connect and reconnect, parameterised queries, and the versioned migrations that create the automagik-spark schema.
+ * The automagik-spark schema and its versioned migrations, with a blocking libpq connection for the one-shot
+ * `--migrate` command (the worker's own traffic goes through pgpool.c on the loop), and the row-id UUIDs.
  */
 #ifndef SPARK_STORE_H
 #define SPARK_STORE_H
@@ -47,6 +47,26 @@ int store_migrate(struct store *s, FILE *out, char *err, size_t errlen);
 
 /* Latest migration version known to this build. */
 int store_schema_version(void);
+
+/* Any 64-bit constant shared by every worker: serialises migrations across processes and hosts. */
+#define STORE_MIGRATE_LOCK     0x5370726b4d696772LL /* "SprkMigr" */
+#define STORE_SQL_MIGRATE_LOCK "SELECT pg_advisory_xact_lock($1::bigint)"
+#define STORE_SQL_MIGRATIONS_TABLE                                                                                     \
+	"CREATE TABLE IF NOT EXISTS spark_schema_migrations ("                                                         \
+	" version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+#define STORE_SQL_MIGRATION_DONE   "SELECT 1 FROM spark_schema_migrations WHERE version = $1"
+#define STORE_SQL_MIGRATION_RECORD "INSERT INTO spark_schema_migrations (version, applied_at) VALUES ($1, now())"
+
+/* One migration: its statements, in order (NULL-terminated), each run on its own. */
+struct store_migration {
+	int version;
+	const char *what;
+	const char *const *sql;
+};
+int store_migration_count(void);
+const struct store_migration *store_migration_get(int i);
+/* One statement whose single value is true when every automagik-spark table exists. */
+const char *store_schema_check_sql(void);
 
 /* A random (v4) UUID, "xxxxxxxx-xxxx-4xxx-yxxx-xxxxxxxxxxxx". */
 void store_uuid4(char out[37]);

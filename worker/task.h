@@ -89,19 +89,45 @@ void task_noop(struct task_run *run);  /* spark.noop(x) -> x */
 void task_sleep(struct task_run *run); /* spark.sleep(seconds) -> seconds; wakes on cancel */
 
 /*
- * Workflow tasks (workflow.c). workflow_init runs once per process before any slot starts; when DATABASE_URL
- * is unset it does nothing and the workflow tasks fail with a clear error. A database that is down never
- * stops the worker: init failures are logged and retried when a task needs the database.
+ * Workflow tasks. The workflow stack (workflow.c and its wf-*.c, pgpool.c, store.c, http.c, source.c, fernet.c:
+ * libpq, libcurl, libcrypto) lives in the plugin spark-workflow.so, loaded only when DATABASE_URL is set, so a
+ * worker without workflows does not carry those libraries' memory. spark-worker reaches it through
+ * workflow-loader.c's struct wf_loader (one per process, on the process's loop).
  *
- * In spark-worker these five are workflow-loader.c's: workflow.c, store.c, source.c and fernet.c (libpq,
- * libcurl, libcrypto) live in the plugin spark-workflow.so, loaded only when DATABASE_URL is set, so a worker
- * without workflows does not carry those libraries' memory. Unit tests link workflow.c directly.
+ * Finding the loader: before calling task_execute_workflow or task_run_task, the engine sets run->task to its
+ * struct wf_loader (the task then replaces run->task with its own state). Setting it for every task is harmless.
+ *
+ * workflow_open runs once per process before any slot starts: with DATABASE_URL it loads the plugin and creates
+ * its state on base (heartbeat, pool); without it, it does nothing and workflow tasks fail with
+ * WORKFLOW_ERR_NO_DATABASE. A database that is down never fails it (the plugin retries). A task arriving before
+ * workflow_open (or after a load that failed) loads lazily with the run's cfg, node and base.
  */
-int workflow_init(const struct spark_config *cfg, const char *node, int slots);
-void workflow_shutdown(void);
+struct event_base;
+struct wf_state;
+
+struct wf_loader {
+	const struct workflow_plugin *p; /* NULL until loaded, and when loading failed */
+	void *dl;
+	bool tried;      /* loading was attempted (it is not attempted again) */
+	bool err_logged; /* the load failure was logged (once, at error level) */
+	char err[768];   /* why loading failed */
+	struct wf_state *st;
+	const struct spark_config *cfg;
+	char *node;
+	int slots;
+	struct event_base *base;
+};
+
+int workflow_open(struct wf_loader *wl, const struct spark_config *cfg, const char *node, int slots,
+                  struct event_base *base);
 void task_execute_workflow(struct task_run *run); /* automagik_spark.core.tasks.workflow_tasks.execute_workflow */
 void task_run_task(struct task_run *run);         /* spark.run_task(task_row_id) */
-/* Apply the migrations and exit status (spark-worker --migrate; sparkctl db migrate). */
+/* Stop the heartbeat, mark this process's workers row stopped, finish pending writes within timeout_s, then call
+ * done(arg) from the loop (at once when the plugin is not loaded). */
+void workflow_shutdown(struct wf_loader *wl, double timeout_s, void (*done)(void *arg), void *arg);
+/* Free the plugin's state (runs still in flight are abandoned: their done is never called) and unload it. */
+void workflow_close(struct wf_loader *wl);
+/* Apply the migrations and exit status (spark-worker --migrate; sparkctl db migrate). Blocking. */
 int workflow_migrate(const struct spark_config *cfg);
 
 #define WORKFLOW_ERR_NO_DATABASE "DATABASE_URL is not set: workflow tasks need the automagik-spark PostgreSQL database"
@@ -109,8 +135,9 @@ int workflow_migrate(const struct spark_config *cfg);
 /*
  * The plugin's one exported symbol (workflow-plugin.c). Bump WORKFLOW_PLUGIN_ABI whenever this struct changes;
  * the sizes catch a plugin built against another struct task_run or struct spark_config.
+ * ABI 2: the plugin runs on the process's event loop; its state is one struct wf_state.
  */
-#define WORKFLOW_PLUGIN_ABI    1
+#define WORKFLOW_PLUGIN_ABI    2
 #define WORKFLOW_PLUGIN_SYMBOL "spark_workflow_plugin"
 #define WORKFLOW_PLUGIN_FILE   "spark-workflow.so"
 
@@ -120,11 +147,19 @@ struct workflow_plugin {
 	size_t config_size; /* sizeof(struct spark_config) */
 	/* the plugin has its own copy of log.c: give it the program's tag, level and journal mode */
 	void (*log_setup)(const char *tag, int level, bool journal);
-	int (*init)(const struct spark_config *cfg, const char *node, int slots);
-	void (*shutdown)(void);
-	void (*execute_workflow)(struct task_run *run);
-	void (*run_task)(struct task_run *run);
-	int (*migrate)(const struct spark_config *cfg);
+	/* the plugin's state on the process's loop; never fails for a database that is down (it retries).
+	 * NULL only when out of resources. cfg and base must outlive the state. */
+	struct wf_state *(*create)(const struct spark_config *cfg, const char *node, int slots,
+	                           struct event_base *base);
+	/* start a run on the loop; it ends with run->done(run), possibly before returning. run->task becomes the
+	 * plugin's; run->on_cancel is set while an HTTP call can be aborted. */
+	void (*execute_workflow)(struct wf_state *st, struct task_run *run);
+	void (*run_task)(struct wf_state *st, struct task_run *run);
+	/* stop the heartbeat, write the final workers row (status stopped), finish pending writes within
+	 * timeout_s, then call done(arg) from the loop */
+	void (*shutdown)(struct wf_state *st, double timeout_s, void (*done)(void *arg), void *arg);
+	void (*destroy)(struct wf_state *st);
+	int (*migrate)(const struct spark_config *cfg); /* blocking is fine: a one-shot command */
 };
 
 /* Look up a task by name; NULL when unknown. *needs_dom: the task reads run->args/kwargs/headers. */

@@ -345,6 +345,8 @@ struct worker {
 	struct event *housekeeping_ev;
 	struct event *exit_ev;
 	int exit_status;
+	struct wf_loader workflow; /* the workflow plugin, loaded with DATABASE_URL */
+	bool leaving;
 	struct sbuf meta; /* reused meta buffer */
 	struct sbuf scratch;
 

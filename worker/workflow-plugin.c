@@ -1,11 +1,11 @@
 /*
- * The entry point of spark-workflow.so: the one symbol workflow-loader.c looks up. Everything else in the
- * plugin is built with hidden visibility, so its own copies of common/ never meet the executable's.
+ * The entry point of spark-workflow.so: the one symbol workflow-loader.c looks up (ABI 2, task.h). Everything
+ * else in the plugin is built with hidden visibility, so its own copies of common/ never meet the executable's.
  */
 #include <stdbool.h>
 
 #include "log.h"
-#include "task.h"
+#include "wf.h"
 
 static void
 wf_plugin_log_setup(const char *tag, int level, bool journal)
@@ -19,9 +19,10 @@ __attribute__((visibility("default"))) const struct workflow_plugin spark_workfl
     .run_size = sizeof(struct task_run),
     .config_size = sizeof(struct spark_config),
     .log_setup = wf_plugin_log_setup,
-    .init = workflow_init,
-    .shutdown = workflow_shutdown,
-    .execute_workflow = task_execute_workflow,
-    .run_task = task_run_task,
-    .migrate = workflow_migrate,
+    .create = wf_create,
+    .execute_workflow = wf_execute_workflow,
+    .run_task = wf_run_task,
+    .shutdown = wf_shutdown,
+    .destroy = wf_destroy,
+    .migrate = wf_migrate,
 };

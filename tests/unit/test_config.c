@@ -45,6 +45,7 @@ static const char *vars[] = {"SPARK_WORKERS",
                              "SPARK_LOG_MAX_BYTES",
                              "SPARK_LOG_KEEP",
                              "SPARK_START_TIMEOUT",
+                             "SPARK_DB_POOL_SIZE",
                              "SPARK_ENV_FILE",
                              "RUNTIME_DIRECTORY",
                              "LOGS_DIRECTORY"};

@@ -1,4 +1,4 @@
-/* Reply shaping of the workflow sources (pure functions of worker/source.c). */
+/* Workflow sources: reply shaping (worker/source-shape.c) and calls on a loop (worker/source.c). */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -7,6 +7,14 @@
 #include <string.h>
 
 #include <cmocka.h>
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <event2/event.h>
 
 #include "source.h"
 
@@ -138,20 +146,82 @@ test_classify(void **state)
 }
 
 static void
+on_call_done(struct source_call *c)
+{
+	int *calls = c->arg;
+	(*calls)++;
+}
+
+/* Run the call on a private loop until done; returns how many times done ran. */
+static int
+run_call(struct source_call *c, const struct source_request *req, double abort_after)
+{
+	struct event_base *base = event_base_new();
+	assert_non_null(base);
+	struct http h;
+	assert_int_equal(http_init(&h, base, 4), 0);
+	int calls = 0;
+	source_start(&h, c, req, on_call_done, &calls);
+	struct timeval tv = {0, (suseconds_t)(abort_after * 1e6)};
+	if (abort_after > 0) {
+		event_base_loopexit(base, &tv);
+		event_base_dispatch(base);
+		if (calls == 0)
+			source_abort(c); /* done runs before source_abort returns */
+	}
+	while (calls == 0)
+		event_base_loop(base, EVLOOP_ONCE);
+	http_free(&h);
+	event_base_free(base);
+	return calls;
+}
+
+static void
 test_unreachable(void **state)
 {
 	(void)state;
+	source_global_init();
 	/* connect refused on a closed local port is retryable; an unknown type fails at once */
 	struct source_request req = {
 	    .source_type = "langflow", .url = "http://127.0.0.1:1", .remote_id = "f", .input = "x", .timeout = 5};
-	struct source_result res;
-	source_call(&req, &res);
-	assert_int_equal(res.status, SOURCE_RETRY);
-	assert_null(res.output);
+	struct source_call c;
+	assert_int_equal(run_call(&c, &req, 0), 1);
+	assert_int_equal(c.res.status, SOURCE_RETRY);
+	assert_null(c.res.output);
 	req.source_type = "other";
-	source_call(&req, &res);
-	assert_int_equal(res.status, SOURCE_FAIL);
-	assert_non_null(strstr(res.error, "Unsupported source type"));
+	assert_int_equal(run_call(&c, &req, 0), 1);
+	assert_int_equal(c.res.status, SOURCE_FAIL);
+	assert_non_null(strstr(c.res.error, "Unsupported source type"));
+}
+
+static void
+test_abort(void **state)
+{
+	(void)state;
+	source_global_init();
+	/* a server that accepts (the kernel's backlog) and never answers: only the abort ends the call */
+	int fd = socket(AF_INET, SOCK_STREAM, 0);
+	struct sockaddr_in sa = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+	socklen_t sl = sizeof(sa);
+	assert_int_equal(bind(fd, (struct sockaddr *)&sa, sizeof(sa)), 0);
+	assert_int_equal(listen(fd, 8), 0);
+	assert_int_equal(getsockname(fd, (struct sockaddr *)&sa, &sl), 0);
+	char url[64];
+	snprintf(url, sizeof(url), "http://127.0.0.1:%d", ntohs(sa.sin_port));
+	for (int i = 0; i < 2; i++) {
+		/* LangFlow: the run request; Hive: mid-sequence, the first listing */
+		struct source_request req = {.source_type = i ? "automagik-hive" : "langflow",
+		                             .url = url,
+		                             .remote_id = "f",
+		                             .input = "x",
+		                             .timeout = 30};
+		struct source_call c;
+		assert_int_equal(run_call(&c, &req, 0.2), 1);
+		assert_int_equal(c.res.status, SOURCE_CANCELLED);
+		assert_non_null(strstr(c.res.error, "cancelled"));
+		assert_null(c.res.output);
+	}
+	close(fd);
 }
 
 int
@@ -159,7 +229,7 @@ main(void)
 {
 	const struct CMUnitTest tests[] = {
 	    cmocka_unit_test(test_agents),   cmocka_unit_test(test_hive_ids),    cmocka_unit_test(test_hive_output),
-	    cmocka_unit_test(test_classify), cmocka_unit_test(test_unreachable),
+	    cmocka_unit_test(test_classify), cmocka_unit_test(test_unreachable), cmocka_unit_test(test_abort),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -1,0 +1,347 @@
+/*
+ * The end of an attempt: its row transition, task_logs line and workers-row update, committed before the
+ * outcome goes to the engine.
+ *
+ * Group commit: attempts that end while a batch is in flight wait in st->recq; the next batch takes them all
+ * (up to WF_BATCH_MAX) as one transaction on one connection: BEGIN, per attempt the row UPDATE and the log
+ * INSERT, one workers-row update, COMMIT, pipelined in one round trip (synchronous_commit as the server sets it,
+ * so one WAL flush serves the whole batch). A batch that fails on a statement (not on the connection) is written
+ * again attempt by attempt, so one bad row never costs the others their record. A batch whose connection was
+ * lost may or may not have committed: each attempt defers (its message comes back and finds the row), as a
+ * single lost write did before.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "log.h"
+#include "store.h"
+#include "util.h"
+#include "wf.h"
+
+static void wf_rec_kick(struct wf_state *st);
+
+void
+wf_record_free(struct wf_job *j)
+{
+	free(j->rec_output);
+	free(j->rec_error);
+	free(j->rec_msg);
+	free(j->out_msg);
+	free(j->row_json);
+	j->rec_output = j->rec_error = j->rec_msg = j->out_msg = j->row_json = NULL;
+}
+
+/* ---- the database let us down ---- */
+
+static void
+wf_mark_failed_send(struct pg_unit *u)
+{
+	struct wf_job *j = u->arg;
+	const char *p[] = {j->row, j->run->exc_message};
+	pg_send(u,
+	        "UPDATE tasks SET status = 'failed', error = $2, finished_at = now(), "
+	        "updated_at = now()"
+	        " WHERE id = $1 AND status = 'running'",
+	        2, p);
+	pg_sync(u);
+}
+
+static void
+wf_mark_failed_done(struct pg_unit *u)
+{
+	struct wf_job *j = u->arg;
+	if (!u->ok)
+		log_errorx("task %s: row %s could not be marked failed: %s", j->run->task_id, j->row, u->err);
+	pg_end(u);
+	wf_job_end(j);
+}
+
+void
+wf_db_error(struct wf_job *j, const char *what, bool lost)
+{
+	pg_end(&j->unit);
+	if (lost) {
+		log_warnx("task %s: %s: %s; the message will be delivered again", j->run->task_id, what, j->err);
+		wf_fail(j->run, TASK_DEFER, "builtins", "ConnectionError", "database unavailable: %s", j->err);
+		wf_job_end(j);
+		return;
+	}
+	log_errorx("task %s: %s: %s", j->run->task_id, what, j->err);
+	wf_fail(j->run, TASK_FAILURE, "builtins", "RuntimeError", "%s: %s", what, j->err);
+	if (!j->claimed) {
+		wf_job_end(j);
+		return;
+	}
+	/* the database answers but refused the full record: still never leave the row running */
+	j->unit.on_conn = wf_mark_failed_send;
+	j->unit.on_step = wf_mark_failed_done;
+	j->unit.arg = j;
+	j->unit.resend = 1;
+	pgpool_submit(&j->st->pool, &j->unit);
+}
+
+/* ---- applying a committed record ---- */
+
+static void
+wf_rec_apply(struct wf_job *j)
+{
+	struct task_run *run = j->run;
+	const char *row_json = j->row_json;
+	switch (j->end) {
+	case WF_END_OK:
+		log_info("task %s: row %s completed", run->task_id, j->row);
+		run->outcome = TASK_SUCCESS;
+		run->result = row_json ? json_loads(row_json, 0, NULL) : NULL;
+		break;
+	case WF_END_FAILED:
+		log_warnx("task %s: row %s failed: %s", run->task_id, j->row, j->out_msg);
+		wf_fail(run, j->out_outcome, j->out_module, j->out_type, "%s", j->out_msg);
+		break;
+	case WF_END_RETRY:
+		log_warnx("task %s: row %s will be retried: %s", run->task_id, j->row, j->out_msg);
+		wf_fail(run, TASK_RETRY, "builtins", j->out_type, "%s", j->out_msg);
+		break;
+	case WF_END_INTERRUPTED:
+		wf_fail(run, TASK_DEFER, "celery.exceptions", "WorkerLostError", "interrupted by a worker shutdown");
+		break;
+	}
+	wf_job_end(j);
+}
+
+/* ---- the statements ---- */
+
+/* The attempt's row UPDATE (RETURNING the row) and its log line: two statements of u's step. */
+static void
+wf_rec_send_job(struct pg_unit *u, struct wf_job *j)
+{
+	char retry[32], id[37];
+	snprintf(retry, sizeof(retry), "%.3f", j->rec_retry_in);
+	const char *p[] = {j->row, j->rec_status, j->rec_output, j->rec_error,
+	                   strcmp(j->rec_status, "pending") == 0 ? retry : NULL};
+	pg_send(
+	    u,
+	    "UPDATE tasks SET status = $2::varchar, output_data = COALESCE($3::json, output_data), error = $4::varchar,"
+	    " next_retry_at = now() + make_interval(secs => $5::float8),"
+	    " finished_at = CASE WHEN $2::varchar IN ('completed', 'failed') THEN now() END, updated_at = now()"
+	    " WHERE id = $1 RETURNING " WF_ROW_JSON,
+	    5, p);
+	store_uuid4(id);
+	const char *lp[] = {id, j->row, j->rec_level, j->rec_msg};
+	pg_send(u, "INSERT INTO task_logs (id, task_id, level, message, created_at) VALUES ($1, $2, $3, $4, now())", 4,
+	        lp);
+}
+
+/* ---- one attempt on its own (after a failed batch) ---- */
+
+static void
+wf_rec_single_send(struct pg_unit *u)
+{
+	struct wf_job *j = u->arg;
+	pg_send(u, "BEGIN", 0, NULL);
+	wf_rec_send_job(u, j);
+	wf_send_worker_upsert(j->st, u, true, NULL);
+	pg_send(u, "COMMIT", 0, NULL);
+	pg_sync(u);
+}
+
+static void
+wf_rec_single_done(struct pg_unit *u)
+{
+	struct wf_job *j = u->arg;
+	if (!u->ok) {
+		spark_strlcpy(j->err, u->err, sizeof(j->err));
+		wf_db_error(j, j->rec_what, u->lost);
+		return;
+	}
+	const char *v = pg_value(u, 1, 0, 0);
+	j->row_json = v ? xstrdup(v) : NULL;
+	pg_end(u);
+	wf_rec_apply(j);
+}
+
+static void
+wf_rec_single(struct wf_job *j)
+{
+	j->unit.on_conn = wf_rec_single_send;
+	j->unit.on_step = wf_rec_single_done;
+	j->unit.arg = j;
+	j->unit.resend = 0; /* it holds a COMMIT */
+	pgpool_submit(&j->st->pool, &j->unit);
+}
+
+/* ---- the batch ---- */
+
+static void
+wf_rec_batch_send(struct pg_unit *u)
+{
+	struct wf_state *st = u->arg;
+	pg_send(u, "BEGIN", 0, NULL);
+	struct wf_job *j;
+	for (int n = 0; n < WF_BATCH_MAX && (j = TAILQ_FIRST(&st->recq)); n++) {
+		TAILQ_REMOVE(&st->recq, j, qentry);
+		TAILQ_INSERT_TAIL(&st->rec_batch, j, qentry);
+		wf_rec_send_job(u, j);
+	}
+	wf_send_worker_upsert(st, u, true, NULL);
+	pg_send(u, "COMMIT", 0, NULL);
+	pg_sync(u);
+}
+
+static void
+wf_rec_batch_done(struct pg_unit *u)
+{
+	struct wf_state *st = u->arg;
+	struct wf_jobq batch = TAILQ_HEAD_INITIALIZER(batch);
+	struct wf_job *j;
+	bool attached = !TAILQ_EMPTY(&st->rec_batch);
+	if (!attached) {
+		/* no connection came: the database is unreachable for every attempt waiting */
+		for (int n = 0; n < WF_BATCH_MAX && (j = TAILQ_FIRST(&st->recq)); n++) {
+			TAILQ_REMOVE(&st->recq, j, qentry);
+			TAILQ_INSERT_TAIL(&batch, j, qentry);
+		}
+	}
+	while ((j = TAILQ_FIRST(&st->rec_batch))) {
+		TAILQ_REMOVE(&st->rec_batch, j, qentry);
+		TAILQ_INSERT_TAIL(&batch, j, qentry);
+	}
+	int k = 0;
+	for (j = TAILQ_FIRST(&batch); j; j = TAILQ_NEXT(j, qentry)) {
+		const char *v = u->ok ? pg_value(u, 1 + 2 * k, 0, 0) : NULL; /* BEGIN, then UPDATE + INSERT each */
+		j->row_json = v ? xstrdup(v) : NULL;
+		k++;
+	}
+	bool ok = u->ok, conn_lost = u->conn_lost || !attached;
+	char err[sizeof(u->err)];
+	spark_strlcpy(err, u->err, sizeof(err));
+	pg_end(u);
+	st->rec_busy = false;
+	if (!ok && !conn_lost)
+		log_warnx("database: group commit of %d rows failed (%s): writing them one by one", k, err);
+	while ((j = TAILQ_FIRST(&batch))) {
+		TAILQ_REMOVE(&batch, j, qentry);
+		if (ok)
+			wf_rec_apply(j);
+		else if (conn_lost) {
+			spark_strlcpy(j->err, err, sizeof(j->err));
+			wf_db_error(j, j->rec_what, true);
+		} else {
+			wf_rec_single(j);
+		}
+	}
+	wf_rec_kick(st);
+}
+
+static void
+wf_rec_kick(struct wf_state *st)
+{
+	if (st->rec_busy || TAILQ_EMPTY(&st->recq))
+		return;
+	st->rec_busy = true;
+	st->rec_unit.on_conn = wf_rec_batch_send;
+	st->rec_unit.on_step = wf_rec_batch_done;
+	st->rec_unit.arg = st;
+	st->rec_unit.resend = 0;
+	pgpool_submit(&st->pool, &st->rec_unit);
+}
+
+/* ---- the ends of an attempt ---- */
+
+static void
+wf_rec_queue(struct wf_job *j, enum wf_end end, const char *status, char *output, const char *error, double retry_in,
+             const char *level, char *msg, const char *what)
+{
+	j->end = end;
+	j->rec_status = status;
+	j->rec_output = output;
+	j->rec_error = error ? xstrdup(error) : NULL;
+	j->rec_retry_in = retry_in;
+	j->rec_level = level;
+	j->rec_msg = msg;
+	j->rec_what = what;
+	/* out of current_tasks before the write that ends it, as the row leaves `running` there */
+	j->current = false;
+	j->committed = false;
+	j->phase = WF_RECORD;
+	TAILQ_INSERT_TAIL(&j->st->recq, j, qentry);
+	wf_rec_kick(j->st);
+}
+
+void
+wf_finish_failed(struct wf_job *j, enum task_outcome outcome, const char *module, const char *type, const char *msg)
+{
+	j->st->failed++;
+	j->out_outcome = outcome;
+	j->out_module = module;
+	j->out_type = type;
+	j->out_msg = xstrdup(msg);
+	wf_rec_queue(j, WF_END_FAILED, "failed", NULL, msg, 0, "error", xasprintf("Task failed: %s", msg),
+	             "recording the failure");
+}
+
+/* Empty output in automagik-spark's sense: nothing, "", {} or []. */
+static bool
+output_empty(const json_t *o)
+{
+	return !o || json_is_null(o) || (json_is_string(o) && json_string_length(o) == 0) ||
+	       (json_is_object(o) && json_object_size(o) == 0) || (json_is_array(o) && json_array_size(o) == 0);
+}
+
+void
+wf_finish_ok(struct wf_job *j, json_t *output)
+{
+	if (output_empty(output)) {
+		wf_finish_failed(j, TASK_FAILURE, "builtins", "RuntimeError", "No output from workflow");
+		return;
+	}
+	/* stored as automagik-spark does: a JSON string holding json.dumps(output) (or the text itself) */
+	char *text = json_is_string(output) ? xstrdup(json_string_value(output)) : json_dumps(output, JSON_ENCODE_ANY);
+	json_t *s = text ? json_string(text) : NULL;
+	char *out_json = s ? json_dumps(s, JSON_ENCODE_ANY) : NULL;
+	json_decref(s);
+	free(text);
+	if (!out_json)
+		fatalx("workflow: out of memory");
+	j->st->succeeded++;
+	wf_rec_queue(j, WF_END_OK, "completed", out_json, NULL, 0, "info", xstrdup("Task completed"),
+	             "recording the result");
+}
+
+void
+wf_finish_retry(struct wf_job *j, const char *msg, bool timeout)
+{
+	struct task_run *run = j->run;
+	const char *type = timeout ? "TimeoutError" : "ConnectionError";
+	if (run->last_attempt) {
+		char *m = xasprintf("%s (gave up after %d attempts)", msg, j->tries);
+		wf_finish_failed(j, TASK_RETRY, "builtins", type, m);
+		free(m);
+		return;
+	}
+	j->st->retried++;
+	j->out_type = type;
+	j->out_msg = xstrdup(msg);
+	char *line =
+	    xasprintf("Retry %d/%d in %.1f s: %s", run->retries + 1, run->max_retries, run->retry_countdown, msg);
+	wf_rec_queue(j, WF_END_RETRY, "pending", NULL, msg, run->retry_countdown, "warning", line,
+	             "recording the retry");
+}
+
+void
+wf_finish_cancelled(struct wf_job *j)
+{
+	int why = atomic_load(j->run->cancel);
+	if (why == TASK_CANCEL_SHUTDOWN) {
+		/* cold stop: the message goes back to the queue and the next attempt reuses this row */
+		wf_rec_queue(j, WF_END_INTERRUPTED, "pending", NULL, "interrupted by a worker shutdown; will run again",
+		             0, "warning", xstrdup("Task interrupted by a worker shutdown; it will run again"),
+		             "recording the interruption");
+		return;
+	}
+	if (why == TASK_CANCEL_HARD_LIMIT)
+		wf_finish_failed(j, TASK_FAILURE, "celery.exceptions", "TimeLimitExceeded", "TimeLimitExceeded");
+	else
+		wf_finish_failed(j, TASK_FAILURE, "celery.exceptions", "SoftTimeLimitExceeded",
+		                 "SoftTimeLimitExceeded: soft time limit exceeded");
+}

@@ -1,0 +1,133 @@
+/* The plugin's state for one process: create, destroy, and the one-shot migrate command. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <openssl/crypto.h>
+
+#include "log.h"
+#include "store.h"
+#include "util.h"
+#include "wf.h"
+
+/* Each call in flight holds a socket: make sure the process may open that many. */
+static void
+wf_raise_nofile(int slots)
+{
+	struct rlimit rl;
+	rlim_t want = (rlim_t)slots + 256;
+	if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur >= want)
+		return;
+	rlim_t got = rl.rlim_max == RLIM_INFINITY || rl.rlim_max >= want ? want : rl.rlim_max;
+	rl.rlim_cur = got;
+	if (setrlimit(RLIMIT_NOFILE, &rl) != 0 || got < want)
+		log_warnx("workflow: %d slots need %lu file descriptors, the limit is %lu: calls beyond it will fail",
+		          slots, (unsigned long)want, (unsigned long)got);
+}
+
+static void
+wf_key_setup(struct wf_state *st, const struct spark_config *cfg)
+{
+	if (cfg->encryption_key && *cfg->encryption_key) {
+		st->key_ok = fernet_key_parse(cfg->encryption_key, st->key, st->key_err, sizeof(st->key_err)) == 0;
+		if (!st->key_ok)
+			log_warnx("workflow: %s; workflow sources with API keys will fail", st->key_err);
+	} else {
+		log_warnx(
+		    "workflow: AUTOMAGIK_SPARK_ENCRYPTION_KEY is not set: using automagik-spark's public test key "
+		    "(unsafe for production)");
+		st->key_ok = fernet_key_parse(WF_TEST_KEY, st->key, st->key_err, sizeof(st->key_err)) == 0;
+	}
+}
+
+struct wf_state *
+wf_create(const struct spark_config *cfg, const char *node, int slots, struct event_base *base)
+{
+	struct wf_state *st = xcalloc(1, sizeof(*st));
+	st->cfg = cfg;
+	st->base = base;
+	TAILQ_INIT(&st->jobs);
+	TAILQ_INIT(&st->schema_wait);
+	TAILQ_INIT(&st->recq);
+	TAILQ_INIT(&st->rec_batch);
+	st->nslots = slots > 0 ? slots : 1;
+	if (!cfg || !cfg->database_url || !*cfg->database_url) {
+		log_debug("workflow: DATABASE_URL is not set; workflow tasks will fail");
+		return st;
+	}
+	st->node = xstrdup(node ? node : spark_hostname());
+	json_t *nj = json_string(st->node);
+	st->node_json = nj ? json_dumps(nj, JSON_ENCODE_ANY) : NULL;
+	json_decref(nj);
+	if (!st->node_json)
+		st->node_json = xstrdup("\"\"");
+	snprintf(st->pid, sizeof(st->pid), "%ld", (long)getpid());
+	st->http_timeout = cfg->http_timeout > 0 ? cfg->http_timeout : 600;
+	double longest = cfg->time_limit > st->http_timeout ? cfg->time_limit : st->http_timeout;
+	st->orphan_age = longest + 60;
+	st->hb_interval = cfg->heartbeat_interval > 0 ? cfg->heartbeat_interval : WF_HEARTBEAT_DEFAULT;
+	st->started = now_wall();
+	store_uuid4(st->worker_id);
+	wf_key_setup(st, cfg);
+	wf_raise_nofile(st->nslots);
+
+	source_global_init();
+	int pool = cfg->db_pool_size > 0 ? cfg->db_pool_size : 4;
+	if (pgpool_init(&st->pool, base, cfg->database_url, pool) < 0 ||
+	    http_init(&st->http, base, (long)st->nslots + 16) < 0) {
+		log_errorx("workflow: cannot set up the database pool or the HTTP client");
+		wf_destroy(st);
+		return NULL;
+	}
+	st->enabled = true;
+	wf_beat_start(st);
+	return st;
+}
+
+void
+wf_destroy(struct wf_state *st)
+{
+	if (!st)
+		return;
+	/* abandon what is in flight: the pool's units and the transfers go first, then the runs that owned them */
+	if (st->pool.conns)
+		pgpool_free(&st->pool);
+	if (st->http.multi)
+		http_free(&st->http);
+	struct wf_job *j;
+	while ((j = TAILQ_FIRST(&st->jobs))) {
+		TAILQ_REMOVE(&st->jobs, j, entry);
+		j->run->on_cancel = NULL;
+		j->run->task = NULL;
+		wf_job_free(j);
+	}
+	wf_beat_free(st);
+	pg_unit_release(&st->rec_unit);
+	OPENSSL_cleanse(st->key, sizeof(st->key));
+	free(st->node);
+	free(st->node_json);
+	free(st);
+}
+
+int
+wf_migrate(const struct spark_config *cfg)
+{
+	if (!cfg || !cfg->database_url || !*cfg->database_url) {
+		fprintf(stderr,
+		        "spark-worker: DATABASE_URL is not set: set DATABASE_URL (or AUTOMAGIK_SPARK_DATABASE_URL) "
+		        "to the PostgreSQL URL to migrate\n");
+		return 1;
+	}
+	char err[512];
+	struct store *db = store_open(cfg->database_url);
+	int rc = store_migrate(db, stdout, err, sizeof(err));
+	store_close(db);
+	if (rc < 0) {
+		fprintf(stderr, "spark-worker: %s\n", err);
+		return 1;
+	}
+	fflush(stdout);
+	return 0;
+}

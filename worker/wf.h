@@ -1,0 +1,196 @@
+/*
+ * The workflow plugin's insides (spark-workflow.so), all on the process's event loop:
+ *
+ *   wf-state.c    create, destroy, migrate (blocking, one-shot), the Fernet key
+ *   workflow.c    one run: claim the row, load the workflow and its source, call it (source.c over http.c)
+ *   wf-record.c   the end of an attempt: outcome, group-committed row writes, the database-error paths
+ *   wf-beat.c     the schema check, the workers row (heartbeat, final write), recovery of dead workers' rows
+ *
+ * Every piece of state is in struct wf_state (one per process) or struct wf_job (one per run).
+ */
+#ifndef SPARK_WF_H
+#define SPARK_WF_H
+
+#include <stdbool.h>
+#include <sys/queue.h>
+
+#include "fernet.h"
+#include "http.h"
+#include "pgpool.h"
+#include "source.h"
+#include "task.h"
+
+/* automagik-spark's key when AUTOMAGIK_SPARK_ENCRYPTION_KEY is unset (a public test key: tokens it made must
+ * still decrypt, but it protects nothing, hence the warning) */
+#define WF_TEST_KEY          "5aQaTalKCAOAgOPFV_xZrQVzWgE80mseLFW-x_sa06o="
+#define WF_HEARTBEAT_DEFAULT 5.0
+#define WF_ERR_WORKER_LOST   "worker lost"
+#define WF_DEFAULT_INPUT     "Hello World"
+#define WF_BATCH_MAX         256 /* attempts recorded by one group commit */
+
+/* The task row as execute_workflow returns it (automagik-spark's Task.to_dict, same key order). */
+#define WF_ROW_JSON                                                                                                    \
+	"json_build_object('id', id, 'workflow_id', workflow_id, 'schedule_id', schedule_id, 'status', status,"        \
+	" 'input_data', input_data, 'output_data', output_data, 'error', error, 'tries', tries,"                       \
+	" 'max_retries', max_retries, 'next_retry_at', next_retry_at, 'created_at', created_at,"                       \
+	" 'updated_at', updated_at, 'started_at', started_at, 'finished_at', finished_at)"
+
+struct wf_job;
+TAILQ_HEAD(wf_jobq, wf_job);
+
+/* Where a run is (workflow.c, wf-record.c). */
+enum wf_phase {
+	WF_WAIT_SCHEMA = 0,
+	WF_CLAIM_ROW,      /* BEGIN; the row FOR UPDATE */
+	WF_CLAIM_FINAL,    /* a final row answered again; COMMIT */
+	WF_CLAIM_RESTART,  /* the existing row running again; COMMIT */
+	WF_CLAIM_SCHEDULE, /* no row yet: the schedule FOR UPDATE */
+	WF_CLAIM_NOTHING,  /* missing or completed schedule: COMMIT, null result */
+	WF_CLAIM_INSERT,   /* the new row running; COMMIT */
+	WF_LOAD,           /* the workflow and its source */
+	WF_CALL,           /* the source call */
+	WF_RECORD,         /* the end of the attempt (wf-record.c) */
+};
+
+/* How an attempt ends once its row write is committed (wf-record.c). */
+enum wf_end {
+	WF_END_OK = 0,      /* TASK_SUCCESS with the row */
+	WF_END_FAILED,      /* row failed; out_* describe the Celery outcome */
+	WF_END_RETRY,       /* row pending for the retry */
+	WF_END_INTERRUPTED, /* cold stop: row pending, TASK_DEFER */
+};
+
+struct wf_job {
+	struct wf_state *st;
+	struct task_run *run;
+	TAILQ_ENTRY(wf_job) entry;  /* st->jobs */
+	TAILQ_ENTRY(wf_job) qentry; /* st->schema_wait, st->recq or st->rec_batch */
+	enum wf_phase phase;
+	bool manual; /* spark.run_task: the row exists already */
+	char schedule_id[37];
+	char row[37];
+	char workflow_id[37];
+	char status[16]; /* the row's status when claimed */
+	char *error;     /* the row's error when claimed */
+	char *input;
+	int tries;
+	bool current;   /* listed in the workers row's current_tasks */
+	bool committed; /* ... and its claim committed: may be named in current_task_id */
+	bool claimed;   /* the row is ours and running */
+	struct pg_unit unit;
+
+	/* the source call */
+	char *remote, *type, *url, *token;
+	char *api_key;
+	size_t keylen;
+	struct source_request req;
+	struct source_call call;
+
+	/* the row write of the attempt's end */
+	enum wf_end end;
+	const char *rec_status; /* completed, failed, pending */
+	char *rec_output;       /* output_data as JSON, or NULL */
+	char *rec_error;        /* error column, or NULL */
+	double rec_retry_in;
+	const char *rec_level;
+	char *rec_msg;        /* the task_logs line */
+	const char *rec_what; /* "recording the result", ...: for errors */
+	enum task_outcome out_outcome;
+	const char *out_module, *out_type;
+	char *out_msg;
+	char *row_json; /* the row as committed */
+	char err[1024];
+};
+
+struct wf_state {
+	const struct spark_config *cfg;
+	struct event_base *base;
+	bool enabled; /* DATABASE_URL set */
+	char *node;
+	char *node_json; /* node as a JSON string literal */
+	char pid[16];
+	char worker_id[37];
+	double http_timeout;
+	double orphan_age; /* a running row untouched this long, in no live worker, is lost */
+	double hb_interval;
+	double started;
+	int nslots;
+
+	unsigned char key[FERNET_KEY_LEN];
+	bool key_ok;
+	char key_err[200];
+
+	struct pgpool pool;
+	struct http http;
+
+	struct wf_jobq jobs; /* every run in progress */
+	int njobs;
+	long processed, succeeded, failed, retried;
+
+	/* wf-beat.c: the schema check, once per process */
+	bool schema_ready;
+	bool schema_busy;
+	struct pg_unit schema_unit;
+	struct wf_jobq schema_wait; /* runs waiting for it */
+	bool schema_hb_wait;        /* the heartbeat waits for it */
+	int schema_phase;           /* wf-beat.c's SCHEMA_* */
+
+	/* wf-beat.c: heartbeat and recovery */
+	struct event *hb_ev;
+	struct pg_unit hb_unit;
+	bool hb_busy;
+	bool hb_warned; /* one warning per outage, not one per beat */
+
+	/* wf-record.c: group commit */
+	struct wf_jobq recq;      /* attempts waiting for the next batch */
+	struct wf_jobq rec_batch; /* the batch in flight */
+	struct pg_unit rec_unit;
+	bool rec_busy;
+
+	/* wf-beat.c: shutdown */
+	bool stopping;
+	bool stop_final_sent;
+	bool stop_called;
+	void (*stop_done)(void *arg);
+	void *stop_arg;
+	struct event *stop_deadline_ev;
+	struct event *stop_done_ev;
+	struct pg_unit stop_unit;
+};
+
+/* wf-state.c */
+struct wf_state *wf_create(const struct spark_config *cfg, const char *node, int slots, struct event_base *base);
+void wf_destroy(struct wf_state *st);
+int wf_migrate(const struct spark_config *cfg);
+
+/* workflow.c */
+void wf_execute_workflow(struct wf_state *st, struct task_run *run);
+void wf_run_task(struct wf_state *st, struct task_run *run);
+void wf_fail(struct task_run *run, enum task_outcome outcome, const char *module, const char *type, const char *fmt,
+             ...) __attribute__((format(printf, 5, 6)));
+void wf_claim_start(struct wf_job *j); /* after the schema check */
+void wf_job_end(struct wf_job *j);     /* run->done, and the job is freed */
+void wf_job_free(struct wf_job *j);    /* what the job holds, and the job (not its run) */
+
+/* wf-record.c */
+/* End the attempt with a row write (fields rec_* and out_* set by the finish helpers). */
+void wf_finish_ok(struct wf_job *j, json_t *output);
+void wf_finish_failed(struct wf_job *j, enum task_outcome outcome, const char *module, const char *type,
+                      const char *msg);
+void wf_finish_retry(struct wf_job *j, const char *msg, bool timeout);
+void wf_finish_cancelled(struct wf_job *j);
+/* The database let us down (j->err says how): TASK_DEFER when it may pass later, else a failure (and the row
+ * marked failed when it is ours). Ends the job. */
+void wf_db_error(struct wf_job *j, const char *what, bool lost);
+void wf_record_free(struct wf_job *j);
+
+/* wf-beat.c */
+void wf_schema_need(struct wf_job *j); /* claim once the schema is known to be there */
+/* The workers-row upsert as a statement of u's step: task_path as in the DEADLOCK note (wf-beat.c). */
+void wf_send_worker_upsert(struct wf_state *st, struct pg_unit *u, bool task_path, const char *own_row);
+void wf_beat_start(struct wf_state *st);
+void wf_shutdown(struct wf_state *st, double timeout_s, void (*done)(void *arg), void *arg);
+void wf_shutdown_check(struct wf_state *st); /* a run ended: the shutdown may go on */
+void wf_beat_free(struct wf_state *st);
+
+#endif
