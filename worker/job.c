@@ -36,7 +36,7 @@ job_free(struct job *j)
 		event_del(&j->soft_ev);
 		event_del(&j->hard_ev);
 	}
-	if (j->record_queued)
+	if (j->record_queued || j->started_queued)
 		job_unqueue_record(j);
 	if (j->state == JOB_WRITING)
 		w->writing--;
@@ -95,12 +95,13 @@ void
 job_queue_record(struct job *j)
 {
 	struct worker *w = j->w;
+	if (j->record_queued || j->started_queued) /* already in the list */
+		return;
 	if (w->nto_record == w->to_record_cap) {
 		w->to_record_cap = w->to_record_cap ? 2 * w->to_record_cap : 64;
 		w->to_record = xrealloc(w->to_record, (size_t)w->to_record_cap * sizeof *w->to_record);
 	}
 	w->to_record[w->nto_record++] = j;
-	j->record_queued = true;
 }
 
 void
@@ -110,10 +111,15 @@ job_unqueue_record(struct job *j)
 	for (int i = 0; i < w->nto_record; i++)
 		if (w->to_record[i] == j)
 			w->to_record[i] = NULL;
-	j->record_queued = false;
+	j->record_queued = j->started_queued = false;
 }
 
-/* End of tick: kombu's records of the jobs fetched in it that are still held. */
+/*
+ * End of tick: kombu's records of the jobs fetched in it, and the STARTED metas of the jobs started in it, for
+ * those still held then. A job that ended within the tick (a no-op) writes neither: its records would be deleted
+ * by the same write, and its STARTED would be overwritten by its outcome before anyone could read it (it would
+ * only cost four commands and, on a subscriber, a message announcing what is already over).
+ */
 void
 job_flush_records(struct worker *w)
 {
@@ -121,9 +127,12 @@ job_flush_records(struct worker *w)
 		struct job *j = w->to_record[i];
 		if (j == NULL)
 			continue;
-		j->record_queued = false;
-		if (j->state == JOB_RESERVED || j->state == JOB_RUNNING)
+		bool record = j->record_queued, started = j->started_queued;
+		j->record_queued = j->started_queued = false;
+		if (record && (j->state == JOB_RESERVED || j->state == JOB_RUNNING))
 			outcome_record(j);
+		if (started && j->state == JOB_RUNNING)
+			outcome_started(j);
 	}
 	w->nto_record = 0;
 }
@@ -152,8 +161,10 @@ job_new(struct worker *w, const char *qkey, const char *raw, size_t len, const c
 	j->unrecorded = unrecorded && j->tag[0] != '\0';
 	/* kombu's records go out at the end of the tick, for the jobs still held then: a job that ended within the
 	 * tick (a no-op) would only have written them to delete them in the same write */
-	if (j->unrecorded)
+	if (j->unrecorded) {
 		job_queue_record(j);
+		j->record_queued = true;
+	}
 	engine_tick(w);
 	j->store_result = w->cfg->result_backend != NULL && !j->m.ignore_result;
 	if (decoded < 0) {
@@ -285,8 +296,10 @@ job_start(struct job *j, int slot)
 	w->running++;
 	j->started_mono = now_mono();
 	log_info("Task %s[%s] received", m->task_name, m->task_id);
-	if (j->store_result)
-		outcome_started(j);
+	if (j->store_result) {
+		job_queue_record(j); /* STARTED at the end of the tick, if it still runs then */
+		j->started_queued = true;
+	}
 	report_start(&w->rep, slot, hard, m->task_id, m->task_name);
 	j->started_report = true;
 	j->slot_reported = slot;

@@ -9,6 +9,7 @@
  * cold (SIGQUIT, second SIGINT) also cancels running tasks, and after a short grace puts back what still runs.
  */
 #include <event2/event.h>
+#include <malloc.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -68,6 +69,17 @@ engine_init(struct worker *w, const struct spark_config *cfg, const char *node, 
 	w->max_held = nslots * mult;
 	TAILQ_INIT(&w->jobs);
 	w->backend_on_broker = cfg->result_backend != NULL && same_server(&cfg->broker, &cfg->backend);
+	/* what every task's writes repeat, formatted once */
+	snprintf(w->ttl_str, sizeof w->ttl_str, "%d", RESULT_EXPIRES);
+	snprintf(w->db_str[0], sizeof w->db_str[0], "%d", cfg->broker.db);
+	snprintf(w->db_str[1], sizeof w->db_str[1], "%d", cfg->result_backend ? cfg->backend.db : cfg->broker.db);
+	char pid[32];
+	snprintf(pid, sizeof pid, "%ld", w->pid);
+	sbuf_adds(&w->started_json, "{\"pid\": ");
+	sbuf_adds(&w->started_json, pid);
+	sbuf_adds(&w->started_json, ", \"hostname\": ");
+	sbuf_add_json_string(&w->started_json, node, strlen(node));
+	sbuf_adds(&w->started_json, "}");
 	rpipe_init(&w->broker, w, RPIPE_COMMANDS, &cfg->broker, "broker");
 	rpipe_init(&w->notify, w, RPIPE_NOTIFY, &cfg->broker, "broker (notify)");
 	if (cfg->result_backend != NULL && !w->backend_on_broker)
@@ -96,6 +108,8 @@ engine_free(struct worker *w)
 	reporter_free(&w->rep);
 	sbuf_free(&w->meta);
 	sbuf_free(&w->scratch);
+	sbuf_free(&w->keybuf);
+	sbuf_free(&w->started_json);
 	for (int i = 0; i < w->nqkeys; i++) {
 		free(w->qkeys[i]);
 		free(w->qnames[i]);
@@ -266,9 +280,19 @@ engine_tick_cb(evutil_socket_t fd, short what, void *arg)
 	job_dispatch(w);
 	job_flush_records(w);
 	fetch_kick(w);
-	/* memory once per batch of finished tasks (Celery checks after each task; a batch is one loop pass) */
-	if (w->processed != w->rss_checked_at) {
+	/*
+	 * Memory after each batch of finished tasks (Celery checks after each task; a batch is one loop pass). The
+	 * resident size is read from /proc only when the heap grew by a MiB since the last reading, or a second
+	 * passed: mallinfo2 is a cheap userspace signal, a statm read costs a syscall per task.
+	 */
+	double t = now_mono();
+	struct mallinfo2 mi = mallinfo2();
+	size_t heap = mi.uordblks + mi.hblkhd;
+	bool grew = heap > w->heap_at_read + (1u << 20);
+	if (w->processed != w->rss_checked_at && (grew || t - w->rss_read_at >= 1.0)) {
 		w->rss_checked_at = w->processed;
+		w->rss_read_at = t;
+		w->heap_at_read = heap;
 		long rss = proc_rss_kib(0);
 		if (rss > 0)
 			w->rss_kib = rss;
@@ -277,6 +301,8 @@ engine_tick_cb(evutil_socket_t fd, short what, void *arg)
 	}
 	engine_maybe_exit(w);
 	engine_flush_reports(w, false);
+	rpipe_flush(&w->broker);
+	rpipe_flush(&w->backend);
 }
 
 void
@@ -392,7 +418,15 @@ int
 engine_run(struct worker *w)
 {
 	signal(SIGPIPE, SIG_IGN);
-	w->base = event_base_new();
+	/* the change list lets the write event hiredis adds and rpipe_flush removes in one tick cost no epoll_ctl */
+	struct event_config *ecfg = event_config_new();
+	if (ecfg != NULL)
+		event_config_set_flag(ecfg, EVENT_BASE_FLAG_EPOLL_USE_CHANGELIST);
+	w->base = ecfg != NULL ? event_base_new_with_config(ecfg) : NULL;
+	if (ecfg != NULL)
+		event_config_free(ecfg);
+	if (w->base == NULL)
+		w->base = event_base_new();
 	if (w->base == NULL)
 		fatalx("cannot create the event loop");
 	reporter_init(&w->rep, SPARK_REPORT_FD);

@@ -36,11 +36,39 @@ out_guarded(const struct job *j)
 	return j->m.redelivered || j->out_resent;
 }
 
+/* "%.6f" of an epoch time without printf (it runs for every task's kombu record). */
 static char *
 score_str(double t, char *buf, size_t len)
 {
-	snprintf(buf, len, "%.6f", t);
+	if (!(t >= 0 && t < 1e15) || len < 32) {
+		snprintf(buf, len, "%.6f", t);
+		return buf;
+	}
+	unsigned long long us = (unsigned long long)(t * 1e6 + 0.5);
+	char tmp[32];
+	int n = 0;
+	for (int i = 0; i < 6; i++, us /= 10)
+		tmp[n++] = (char)('0' + us % 10);
+	tmp[n++] = '.';
+	do
+		tmp[n++] = (char)('0' + us % 10);
+	while ((us /= 10) > 0);
+	for (int i = 0; i < n; i++)
+		buf[i] = tmp[n - 1 - i];
+	buf[n] = '\0';
 	return buf;
+}
+
+/* celery-task-meta-<id>, in the worker's key buffer (valid until the next call). */
+static const char *
+meta_key(struct job *j, size_t *len)
+{
+	struct sbuf *k = &j->w->keybuf;
+	sbuf_reset(k);
+	sbuf_add(k, RESULT_KEY_PREFIX, sizeof RESULT_KEY_PREFIX - 1);
+	sbuf_adds(k, j->m.task_id);
+	*len = k->len;
+	return k->p;
 }
 
 /* The connection that carries result metas. */
@@ -128,39 +156,32 @@ static void
 out_meta_plain(struct job *j, struct rpipe *p, int db, bool last)
 {
 	struct worker *w = j->w;
-	char *key = xasprintf(RESULT_KEY_PREFIX "%s", j->m.task_id);
-	char ttl[16], bdb[16], home[16];
-	snprintf(ttl, sizeof ttl, "%d", RESULT_EXPIRES);
-	snprintf(bdb, sizeof bdb, "%d", db);
-	snprintf(home, sizeof home, "%d", p->url->db);
+	size_t kl, ml = strlen(j->out_meta);
+	const char *key = meta_key(j, &kl);
 	bool other = db != p->url->db;
-	size_t ml = strlen(j->out_meta), kl = strlen(key);
-	const char *sel[] = {"SELECT", bdb};
+	const char *sel[] = {"SELECT", w->db_str[db == w->cfg->backend.db ? 1 : 0]};
 	if (other)
 		out_cmd(j, p, false, 2, sel, NULL);
-	const char *setex[] = {"SETEX", key, ttl, j->out_meta};
-	size_t sl[] = {5, kl, strlen(ttl), ml};
+	const char *setex[] = {"SETEX", key, w->ttl_str, j->out_meta};
+	size_t sl[] = {5, kl, strlen(w->ttl_str), ml};
 	out_cmd(j, p, false, 4, setex, sl);
 	const char *pub[] = {"PUBLISH", key, j->out_meta};
 	size_t pl[] = {7, kl, ml};
 	out_cmd(j, p, last && !other, 3, pub, pl);
-	const char *back[] = {"SELECT", home};
+	const char *back[] = {"SELECT", w->db_str[0]};
 	if (other)
 		out_cmd(j, p, last, 2, back, NULL);
-	(void)w;
-	free(key);
 }
 
 /* The guarded store (never over a SUCCESS), as the phase's last command. */
 static void
 out_meta_guarded(struct job *j, struct rpipe *p)
 {
-	char *key = xasprintf(RESULT_KEY_PREFIX "%s", j->m.task_id);
-	char ttl[16];
-	snprintf(ttl, sizeof ttl, "%d", RESULT_EXPIRES);
-	const char *argv[] = {key, j->out_meta, ttl};
-	out_eval(j, p, SCRIPT_STORE, 1, 2, argv, NULL);
-	free(key);
+	size_t kl;
+	const char *key = meta_key(j, &kl);
+	const char *argv[] = {key, j->out_meta, j->w->ttl_str};
+	size_t lens[] = {kl, strlen(j->out_meta), strlen(j->w->ttl_str)};
+	out_eval(j, p, SCRIPT_STORE, 1, 2, argv, lens);
 }
 
 static void
@@ -406,41 +427,28 @@ outcome_started(struct job *j)
 {
 	struct worker *w = j->w;
 	struct sbuf *b = &w->meta;
-	char pid[32];
-	snprintf(pid, sizeof pid, "%ld", w->pid);
-	struct sbuf *res = &w->scratch;
-	sbuf_reset(res);
-	sbuf_adds(res, "{\"pid\": ");
-	sbuf_adds(res, pid);
-	sbuf_adds(res, ", \"hostname\": ");
-	sbuf_add_json_string(res, w->node, strlen(w->node));
-	sbuf_adds(res, "}");
-	meta_build(b, j->m.task_id, "STARTED", res->p, res->len, NULL, &j->m);
+	meta_build(b, j->m.task_id, "STARTED", w->started_json.p, w->started_json.len, NULL, &j->m);
 	struct rpipe *p = outcome_meta_pipe(w);
-	char *key = xasprintf(RESULT_KEY_PREFIX "%s", j->m.task_id);
-	char ttl[16], bdb[16], home[16];
-	snprintf(ttl, sizeof ttl, "%d", RESULT_EXPIRES);
-	snprintf(bdb, sizeof bdb, "%d", w->cfg->backend.db);
-	snprintf(home, sizeof home, "%d", p->url->db);
+	size_t kl, tl = strlen(w->ttl_str);
+	const char *key = meta_key(j, &kl);
 	bool other = w->cfg->backend.db != p->url->db;
 	/* the STARTED state is informative: its reply is not waited for, and a lost one is not written again */
-	const char *sel[] = {"SELECT", bdb};
+	const char *sel[] = {"SELECT", w->db_str[1]};
 	if (other)
 		rpipe_send(p, outcome_ignore, NULL, 2, sel, NULL);
 	if (j->m.redelivered) {
-		const char *argv[] = {key, b->p, ttl};
-		size_t lens[] = {strlen(key), b->len, strlen(ttl)};
+		const char *argv[] = {key, b->p, w->ttl_str};
+		size_t lens[] = {kl, b->len, tl};
 		rpipe_eval(p, SCRIPT_STORE, outcome_ignore, NULL, 1, 2, argv, lens);
 	} else {
-		const char *setex[] = {"SETEX", key, ttl, b->p};
-		size_t sl[] = {5, strlen(key), strlen(ttl), b->len};
+		const char *setex[] = {"SETEX", key, w->ttl_str, b->p};
+		size_t sl[] = {5, kl, tl, b->len};
 		rpipe_send(p, outcome_ignore, NULL, 4, setex, sl);
 		const char *pub[] = {"PUBLISH", key, b->p};
-		size_t pl[] = {7, strlen(key), b->len};
+		size_t pl[] = {7, kl, b->len};
 		rpipe_send(p, outcome_ignore, NULL, 3, pub, pl);
 	}
-	const char *back[] = {"SELECT", home};
+	const char *back[] = {"SELECT", w->db_str[0]};
 	if (other)
 		rpipe_send(p, outcome_ignore, NULL, 2, back, NULL);
-	free(key);
 }

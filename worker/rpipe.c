@@ -9,6 +9,7 @@
 #include <event2/event.h>
 #include <hiredis/adapters/libevent.h>
 #include <hiredis/async.h>
+#include <hiredis/sds.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -93,6 +94,18 @@ rpipe_fail(struct rpipe *p, const char *why)
 	rpipe_gone(p, why);
 	/* outstanding callbacks get NULL now (or right after the callback that called us returns) */
 	redisAsyncFree(ac);
+}
+
+/*
+ * Write what is queued now rather than on the next writable event: called at the end of each tick, it saves the
+ * connection a loop iteration and the epoll_ctl pair per round trip (the add and delete of the write event
+ * cancel out inside libevent's change list). A write error ends the connection here as it would in the loop.
+ */
+void
+rpipe_flush(struct rpipe *p)
+{
+	if (p->ac != NULL && p->ac->c.obuf != NULL && sdslen(p->ac->c.obuf) > 0)
+		redisAsyncHandleWrite(p->ac);
 }
 
 void

@@ -220,6 +220,8 @@ int rpipe_eval(struct rpipe *p, enum script_id id, rpipe_cb cb, void *arg, int n
 /* Give up on the connection (an error reply where success was needed, a hung server): every outstanding
  * callback gets NULL, on_down runs, and a reconnect follows after the backoff. */
 void rpipe_fail(struct rpipe *p, const char *why);
+/* Write what is queued at once (end of tick). */
+void rpipe_flush(struct rpipe *p);
 /* Drop a connection whose oldest outstanding reply is older than the limit (a hung server). */
 void rpipe_check_hung(struct rpipe *p, double limit_s);
 
@@ -258,8 +260,9 @@ struct job {
 	struct task_run run;
 	struct event soft_ev, hard_ev; /* embedded: a job's timers cost no allocation */
 	bool timers_assigned;
-	bool record_sent;   /* kombu's records went out (else the ack has nothing of kombu's to remove) */
-	bool record_queued; /* waiting in w->to_record for the end of the tick */
+	bool record_sent;    /* kombu's records went out (else the ack has nothing of kombu's to remove) */
+	bool record_queued;  /* its kombu records wait in w->to_record for the end of the tick */
+	bool started_queued; /* its STARTED meta waits there too */
 	double started_mono;
 	bool store_result;   /* outcome metas go to the result backend */
 	bool started_report; /* a start report went to sparkd */
@@ -337,6 +340,8 @@ struct worker {
 	long processed;
 	long rss_kib;
 	long rss_checked_at; /* processed when memory was last checked */
+	double rss_read_at;
+	size_t heap_at_read; /* mallinfo2's bytes in use when the resident size was last read */
 	uint64_t rng;
 	double reports_at; /* monotonic: the last report flush */
 	struct event *report_ev;
@@ -347,7 +352,11 @@ struct worker {
 	int exit_status;
 	struct wf_loader workflow; /* the workflow plugin, loaded with DATABASE_URL */
 	bool leaving;
-	struct sbuf meta; /* reused meta buffer */
+	struct sbuf meta;         /* reused meta buffer */
+	struct sbuf keybuf;       /* reused key buffer */
+	struct sbuf started_json; /* STARTED's result: {"pid": N, "hostname": node} */
+	char ttl_str[16];         /* RESULT_EXPIRES */
+	char db_str[2][16];       /* the broker's and the result backend's database numbers */
 	struct sbuf scratch;
 
 	/* sweep*.c */
