@@ -97,8 +97,10 @@ def alive(pid):
     return data[data.rfind(b")") + 2:data.rfind(b")") + 3] not in (b"Z", b"X")
 
 
-def tcp_local_ports(pids):
-    """Local ports of the TCP sockets the processes hold (to pick their connections out of CLIENT LIST)."""
+def tcp_local_ports(pids, remote_port=None):
+    """Local ports of the TCP sockets the processes hold (to pick their connections out of CLIENT LIST); with
+    remote_port, only those connected to it: a worker's HTTP or PostgreSQL socket may share its local port number
+    with another process's Redis client (Linux reuses ephemeral ports across destinations)."""
     inodes = set()
     for pid in pids:
         try:
@@ -118,7 +120,8 @@ def tcp_local_ports(pids):
                 next(f)
                 for line in f:
                     cols = line.split()
-                    if len(cols) > 9 and cols[9] in inodes:
+                    if len(cols) > 9 and cols[9] in inodes and (
+                            remote_port is None or int(cols[2].rsplit(":", 1)[1], 16) == remote_port):
                         ports.add(int(cols[1].rsplit(":", 1)[1], 16))
         except OSError:
             continue

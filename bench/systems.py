@@ -149,7 +149,7 @@ class PyCelery:
                 return "failed"
             if self.pool == "prefork" and len(children(self.proc.pid)) < self.concurrency:
                 return None
-            ports = tcp_local_ports([self.proc.pid])
+            ports = tcp_local_ports([self.proc.pid], self.r.port)
             return any(c.get("cmd") == "brpop" and int(c["addr"].rsplit(":", 1)[1]) in ports
                        for c in self.r.broker.client_list())
 

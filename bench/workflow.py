@@ -144,7 +144,7 @@ def measure(system, r, s, sched, n, delay, conc):
         peak["rss"] = max(peak["rss"], sum(rss))
         peak["rss_max"] = max(peak["rss_max"], max(rss, default=0))
         if sample % 4 == 0:  # pooled connections change slowly; reading 2,000 sockets in /proc costs CPU
-            peak["redis"] = max(peak["redis"], r.clients_from(tcp_local_ports(pids)))
+            peak["redis"] = max(peak["redis"], r.clients_from(tcp_local_ports(pids, r.port)))
             peak["pg"] = max(peak["pg"], s.query("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
                                                  (APP_NAME[system.kind],))[0][0])
         sample += 1
