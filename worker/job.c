@@ -38,6 +38,10 @@ job_free(struct job *j)
 	}
 	if (j->record_queued || j->started_queued)
 		job_unqueue_record(j);
+	if (j->report_queued)
+		for (int i = 0; i < w->nunreported; i++)
+			if (w->unreported[i] == j)
+				w->unreported[i] = NULL;
 	if (j->state == JOB_WRITING)
 		w->writing--;
 	TAILQ_REMOVE(&w->jobs, j, entry);
@@ -89,6 +93,37 @@ job_reject(struct job *j, const char *module, const char *type, const char *mess
 	j->out_reason = xstrdup(reason);
 	j->report_outcome = NULL;
 	outcome_write(j);
+}
+
+void
+job_queue_report(struct job *j)
+{
+	struct worker *w = j->w;
+	if (w->nunreported == w->unreported_cap) {
+		w->unreported_cap = w->unreported_cap ? 2 * w->unreported_cap : 64;
+		w->unreported = xrealloc(w->unreported, (size_t)w->unreported_cap * sizeof *w->unreported);
+	}
+	w->unreported[w->nunreported++] = j;
+	j->report_queued = true;
+}
+
+/* Report flush: the starts of the jobs still running. A task that began and ended between two flushes is only
+ * counted (report_progress): sparkd tracks tasks that last, and the per-task pair would cost more than the task. */
+void
+job_report_starts(struct worker *w)
+{
+	for (int i = 0; i < w->nunreported; i++) {
+		struct job *j = w->unreported[i];
+		if (j == NULL)
+			continue;
+		j->report_queued = false;
+		if (j->state != JOB_RUNNING)
+			continue;
+		report_start(&w->rep, j->slot, j->hard_s, j->m.task_id, j->m.task_name);
+		j->started_report = true;
+		j->slot_reported = j->slot;
+	}
+	w->nunreported = 0;
 }
 
 void
@@ -300,9 +335,8 @@ job_start(struct job *j, int slot)
 		job_queue_record(j); /* STARTED at the end of the tick, if it still runs then */
 		j->started_queued = true;
 	}
-	report_start(&w->rep, slot, hard, m->task_id, m->task_name);
-	j->started_report = true;
-	j->slot_reported = slot;
+	j->hard_s = hard;
+	job_queue_report(j); /* its start reaches sparkd with the next flush, if it still runs then */
 	if (!j->timers_assigned) {
 		evtimer_assign(&j->soft_ev, w->base, job_soft_cb, j);
 		evtimer_assign(&j->hard_ev, w->base, job_hard_cb, j);

@@ -120,6 +120,7 @@ engine_free(struct worker *w)
 	free(w->qlen_acc);
 	free(w->slots);
 	free(w->to_record);
+	free(w->unreported);
 	free(w->proc_key);
 	free(w->landing_key);
 	free(w->alive_key);
@@ -182,7 +183,7 @@ static void
 engine_left(void *arg)
 {
 	struct worker *w = arg;
-	report_flush(&w->rep);
+	engine_flush_reports(w, true);
 	event_base_loopexit(w->base, NULL);
 }
 
@@ -256,11 +257,15 @@ engine_report_cb(evutil_socket_t fd, short what, void *arg)
 void
 engine_flush_reports(struct worker *w, bool now)
 {
-	if (w->rep.len == 0)
+	if (w->rep.len == 0 && w->nunreported == 0 && !w->progress_dirty)
 		return;
 	double t = now_mono();
 	if (now || t - w->reports_at >= REPORT_EVERY_S) {
 		w->reports_at = t;
+		job_report_starts(w);
+		if (w->progress_dirty)
+			report_progress(&w->rep, w->processed, w->rss_kib);
+		w->progress_dirty = false;
 		report_flush(&w->rep);
 		return;
 	}

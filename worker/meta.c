@@ -13,11 +13,9 @@
 #include "util.h"
 #include "worker.h"
 
-static void
-sbuf_reserve(struct sbuf *b, size_t n)
+void
+sbuf_grow(struct sbuf *b, size_t n)
 {
-	if (b->len + n < b->cap)
-		return;
 	size_t cap = b->cap ? b->cap : 256;
 	while (cap <= b->len + n)
 		cap *= 2;
@@ -31,17 +29,6 @@ sbuf_reset(struct sbuf *b)
 	b->len = 0;
 	if (b->p != NULL)
 		b->p[0] = '\0';
-}
-
-/* The text stays NUL-terminated after every append, so b->p is a C string too. */
-void
-sbuf_add(struct sbuf *b, const void *p, size_t n)
-{
-	sbuf_reserve(b, n);
-	if (n > 0)
-		memcpy(b->p + b->len, p, n);
-	b->len += n;
-	b->p[b->len] = '\0';
 }
 
 void

@@ -83,9 +83,11 @@ outcome_confirmed(struct job *j)
 {
 	struct worker *w = j->w;
 	j->out_confirmed = true;
-	if (j->started_report || j->report_outcome != NULL)
-		report_finish(&w->rep, j->started_report ? j->slot_reported : -1, j->m.task_id,
+	if (j->started_report)
+		report_finish(&w->rep, j->slot_reported, j->m.task_id,
 		              j->report_outcome ? j->report_outcome : "requeued", w->processed, w->rss_kib);
+	else
+		w->progress_dirty = true; /* counted with the next flush */
 	if (j->state != JOB_ABANDONED || j->task_ended)
 		job_free(j);
 	engine_tick(w);

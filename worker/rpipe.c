@@ -113,6 +113,10 @@ rpipe_check_hung(struct rpipe *p, double limit_s)
 {
 	if (p->ac == NULL)
 		return;
+	if (p->replies != p->replies_seen) {
+		p->replies_seen = p->replies;
+		p->last_progress = now_mono();
+	}
 	double age = now_mono() - p->last_progress;
 	if (!p->ready && age > RPIPE_CONNECT_TIMEOUT_S)
 		rpipe_fail(p, "connect timed out");
@@ -131,7 +135,7 @@ rpipe_reply(redisAsyncContext *ac, void *reply, void *privdata)
 	p->free_calls = c;
 	if (p->ac == ac) {
 		p->inflight--;
-		p->last_progress = now_mono();
+		p->replies++; /* rpipe_check_hung turns this into a time: no clock read per reply */
 	}
 	cb(p, reply, arg);
 }

@@ -31,6 +31,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 #include <sys/queue.h>
 
 #include "config.h"
@@ -67,7 +68,24 @@ struct sbuf {
 	size_t len, cap;
 };
 void sbuf_reset(struct sbuf *b);
-void sbuf_add(struct sbuf *b, const void *p, size_t n);
+void sbuf_grow(struct sbuf *b, size_t n); /* room for n more bytes and the NUL */
+static inline void
+sbuf_reserve(struct sbuf *b, size_t n)
+{
+	if (b->len + n >= b->cap)
+		sbuf_grow(b, n);
+}
+/* Inline: the RESP encoder and the meta builder append a few bytes at a time. The text stays NUL-terminated
+ * after every append, so b->p is a C string too. */
+static inline void
+sbuf_add(struct sbuf *b, const void *p, size_t n)
+{
+	sbuf_reserve(b, n);
+	if (n > 0)
+		memcpy(b->p + b->len, p, n);
+	b->len += n;
+	b->p[b->len] = '\0';
+}
 void sbuf_adds(struct sbuf *b, const char *s);
 /* s as a JSON string literal (quotes, escapes); bytes that are not UTF-8 become U+FFFD */
 void sbuf_add_json_string(struct sbuf *b, const char *s, size_t n);
@@ -188,16 +206,17 @@ struct rpipe {
 	struct worker *w;
 	enum rpipe_kind kind;
 	const struct redis_url *url;
-	const char *what;             /* "broker", "result backend": for logs */
-	struct redisAsyncContext *ac; /* NULL while disconnected */
-	bool ready;                   /* connected, AUTH/SELECT (and SCRIPT LOAD) done */
-	bool down;                    /* counted in w->down */
-	double backoff;               /* next reconnect delay */
-	struct event *retry_ev;       /* reconnect timer */
-	unsigned gen;                 /* successful connects */
-	long long client_id;          /* CLIENT ID of this connection */
-	int inflight;                 /* replies outstanding */
-	double last_progress;         /* monotonic: last reply, or when inflight went from 0 to 1 */
+	const char *what;                    /* "broker", "result backend": for logs */
+	struct redisAsyncContext *ac;        /* NULL while disconnected */
+	bool ready;                          /* connected, AUTH/SELECT (and SCRIPT LOAD) done */
+	bool down;                           /* counted in w->down */
+	double backoff;                      /* next reconnect delay */
+	struct event *retry_ev;              /* reconnect timer */
+	unsigned gen;                        /* successful connects */
+	long long client_id;                 /* CLIENT ID of this connection */
+	int inflight;                        /* replies outstanding */
+	double last_progress;                /* monotonic: last reply seen, or when inflight went from 0 to 1 */
+	unsigned long replies, replies_seen; /* replies counted, and as of the last hang check */
 	char sha[SCRIPT_COUNT][41];
 	struct rcall *free_calls; /* spare command records */
 	struct sbuf fmt;          /* the command being encoded */
@@ -263,6 +282,8 @@ struct job {
 	bool record_sent;    /* kombu's records went out (else the ack has nothing of kombu's to remove) */
 	bool record_queued;  /* its kombu records wait in w->to_record for the end of the tick */
 	bool started_queued; /* its STARTED meta waits there too */
+	bool report_queued;  /* its start report waits in w->unreported for the next report flush */
+	double hard_s;       /* the hard limit it runs under (for the start report) */
 	double started_mono;
 	bool store_result;   /* outcome metas go to the result backend */
 	bool started_report; /* a start report went to sparkd */
@@ -309,6 +330,9 @@ struct worker {
 	struct jobq jobs;       /* every message this process holds */
 	struct job **to_record; /* jobs fetched this tick whose kombu records wait for the tick's end */
 	int nto_record, to_record_cap;
+	struct job **unreported; /* jobs started since the last report flush */
+	int nunreported, unreported_cap;
+	bool progress_dirty; /* tasks counted since the last flush without a report of their own */
 	int njobs;
 	int running;        /* jobs in a slot */
 	struct job **slots; /* nslots entries: the job in each slot, or NULL */
@@ -395,6 +419,8 @@ void job_requeue_reserved(struct worker *w); /* warm stop: put back what has not
 void job_queue_record(struct job *j);
 void job_unqueue_record(struct job *j);
 void job_flush_records(struct worker *w); /* end of tick: kombu's records of the jobs still held */
+void job_queue_report(struct job *j);
+void job_report_starts(struct worker *w); /* report flush: the starts of jobs still running */
 
 /* outcome.c */
 void outcome_write(struct job *j);     /* write j's end (j->out set); frees j once confirmed */
