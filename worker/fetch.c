@@ -101,8 +101,9 @@ fetch_lmove_cb(struct rpipe *p, redisReply *r, void *arg)
 	struct worker *w = p->w;
 	const char *qkey = arg;
 	if (r == NULL) {
-		/* lost with the connection: if Redis moved a message, reconcile puts it back */
-		if (--w->fetching == 0)
+		/* lost with the connection: if Redis moved a message, reconcile puts it back (on_down may have zeroed
+		 * the count already: rpipe_fail runs it before hiredis hands the outstanding callbacks NULL) */
+		if (w->fetching > 0 && --w->fetching == 0)
 			w->batch_probe = w->batch_dry = false;
 		return;
 	}
@@ -113,7 +114,8 @@ fetch_lmove_cb(struct rpipe *p, redisReply *r, void *arg)
 	else if (r->type == REDIS_REPLY_ERROR) {
 		char why[300];
 		snprintf(why, sizeof why, "LMOVE: %.250s", r->str);
-		w->fetching--;
+		if (w->fetching > 0)
+			w->fetching--;
 		rpipe_fail(p, why);
 		return;
 	}
@@ -126,7 +128,7 @@ fetch_llen_cb(struct rpipe *p, redisReply *r, void *arg)
 	struct worker *w = p->w;
 	int k = (int)(intptr_t)arg;
 	if (r == NULL) {
-		if (--w->fetching == 0)
+		if (w->fetching > 0 && --w->fetching == 0)
 			w->batch_probe = w->batch_dry = false;
 		return;
 	}
