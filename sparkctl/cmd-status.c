@@ -147,7 +147,8 @@ status_print_process(const struct ctl *ctl, const msgpack_object *p)
 		return;
 	for (uint32_t i = 0; i < tasks->via.array.size; i++) {
 		const msgpack_object *t = &tasks->via.array.ptr[i];
-		char id[128], name[256], runtime[32];
+		/* whole: workers accept ids up to 16 KiB and names up to 1 KiB */
+		char id[16385], name[1025], runtime[32];
 		double rt;
 		out_field_str(t, "id", id, sizeof id);
 		out_field_str(t, "name", name, sizeof name);
