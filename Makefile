@@ -140,7 +140,7 @@ $(WF_DRIVER): $(BUILD)/obj/tests/driver/wf_async.o $(call obj,$(WORKFLOW_SRC) $(
 	$(CC) $(CFLAGS_ALL) $(LDFLAGS) -o $@ $^ $(call PL,$(PKGS_WORKFLOW)) -lm
 
 test-integration: $(BINS) $(WF_DRIVER)
-	SPARK_BIN_DIR=$(abspath $(BUILD)/bin) SPARK_SAN=$(SAN) $(PYTHON) -m pytest -q -x -p no:cacheprovider tests/integration $(PYTEST_ARGS)
+	SPARK_BIN_DIR=$(abspath $(BUILD)/bin) SPARK_SAN=$(SAN) $(PYTHON) -m pytest -q -p no:cacheprovider tests/integration $(PYTEST_ARGS)
 
 test: deps
 	$(MAKE) all
