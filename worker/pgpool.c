@@ -73,6 +73,16 @@ pg_unit_fail_detached(struct pg_unit *u, bool conn_lost, const char *err)
 }
 
 void
+pgpool_run(struct pgpool *p, struct pg_unit *u, pg_unit_fn on_conn, pg_unit_fn on_step, void *arg, int resend)
+{
+	u->on_conn = on_conn;
+	u->on_step = on_step;
+	u->arg = arg;
+	u->resend = resend;
+	pgpool_submit(p, u);
+}
+
+void
 pgpool_submit(struct pgpool *p, struct pg_unit *u)
 {
 	u->pool = p;

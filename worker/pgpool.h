@@ -111,6 +111,8 @@ void pgpool_free(struct pgpool *p);
 /* Queue u (its callbacks and arg set); on_conn or on_step run from the loop, never from here. Never free the
  * pool from a unit's callback. */
 void pgpool_submit(struct pgpool *p, struct pg_unit *u);
+/* Set u's callbacks, arg and resend rule, then submit it: what every caller does. */
+void pgpool_run(struct pgpool *p, struct pg_unit *u, pg_unit_fn on_conn, pg_unit_fn on_step, void *arg, int resend);
 /* Take a unit out of the queue if it waits there (a unit attached to a connection cannot be withdrawn). */
 bool pgpool_withdraw(struct pg_unit *u);
 /* Free what the unit holds (it must not be attached to a connection); withdraws it when queued. */

@@ -201,11 +201,7 @@ wf_schema_start(struct wf_state *st)
 	if (st->schema_busy)
 		return;
 	st->schema_busy = true;
-	st->schema_unit.on_conn = wf_schema_send;
-	st->schema_unit.on_step = wf_schema_step;
-	st->schema_unit.arg = st;
-	st->schema_unit.resend = 1;
-	pgpool_submit(&st->pool, &st->schema_unit);
+	pgpool_run(&st->pool, &st->schema_unit, wf_schema_send, wf_schema_step, st, 1);
 }
 
 void
@@ -345,11 +341,8 @@ wf_beat_step(struct pg_unit *u)
 static void
 wf_beat_submit(struct wf_state *st)
 {
-	st->hb_unit.on_conn = wf_beat_send;
-	st->hb_unit.on_step = wf_beat_step;
-	st->hb_unit.arg = st;
-	st->hb_unit.resend = 1; /* an upsert and a read: the same again on a fresh connection */
-	pgpool_submit(&st->pool, &st->hb_unit);
+	/* an upsert and a read: the same again on a fresh connection */
+	pgpool_run(&st->pool, &st->hb_unit, wf_beat_send, wf_beat_step, st, 1);
 }
 
 static void
@@ -445,11 +438,7 @@ wf_shutdown_check(struct wf_state *st)
 	if (!st->stopping || st->stop_final_sent || st->stop_called || st->njobs > 0)
 		return;
 	st->stop_final_sent = true;
-	st->stop_unit.on_conn = wf_stop_send;
-	st->stop_unit.on_step = wf_stop_step;
-	st->stop_unit.arg = st;
-	st->stop_unit.resend = 1;
-	pgpool_submit(&st->pool, &st->stop_unit);
+	pgpool_run(&st->pool, &st->stop_unit, wf_stop_send, wf_stop_step, st, 1);
 }
 
 void

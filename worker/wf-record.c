@@ -74,11 +74,7 @@ wf_db_error(struct wf_job *j, const char *what, bool lost)
 		return;
 	}
 	/* the database answers but refused the full record: still never leave the row running */
-	j->unit.on_conn = wf_mark_failed_send;
-	j->unit.on_step = wf_mark_failed_done;
-	j->unit.arg = j;
-	j->unit.resend = 1;
-	pgpool_submit(&j->st->pool, &j->unit);
+	pgpool_run(&j->st->pool, &j->unit, wf_mark_failed_send, wf_mark_failed_done, j, 1);
 }
 
 /* ---- applying a committed record ---- */
@@ -163,11 +159,8 @@ wf_rec_single_done(struct pg_unit *u)
 static void
 wf_rec_single(struct wf_job *j)
 {
-	j->unit.on_conn = wf_rec_single_send;
-	j->unit.on_step = wf_rec_single_done;
-	j->unit.arg = j;
-	j->unit.resend = 0; /* it holds a COMMIT */
-	pgpool_submit(&j->st->pool, &j->unit);
+	/* not sent again on a fresh connection: it holds a COMMIT */
+	pgpool_run(&j->st->pool, &j->unit, wf_rec_single_send, wf_rec_single_done, j, 0);
 }
 
 /* ---- the batch ---- */
@@ -239,11 +232,7 @@ wf_rec_kick(struct wf_state *st)
 	if (st->rec_busy || TAILQ_EMPTY(&st->recq))
 		return;
 	st->rec_busy = true;
-	st->rec_unit.on_conn = wf_rec_batch_send;
-	st->rec_unit.on_step = wf_rec_batch_done;
-	st->rec_unit.arg = st;
-	st->rec_unit.resend = 0;
-	pgpool_submit(&st->pool, &st->rec_unit);
+	pgpool_run(&st->pool, &st->rec_unit, wf_rec_batch_send, wf_rec_batch_done, st, 0);
 }
 
 /* ---- the ends of an attempt ---- */

@@ -484,11 +484,8 @@ wf_claim_step(struct pg_unit *u)
 void
 wf_claim_start(struct wf_job *j)
 {
-	j->unit.on_conn = wf_claim_send;
-	j->unit.on_step = wf_claim_step;
-	j->unit.arg = j;
-	j->unit.resend = 1; /* BEGIN and a locking read: safe to send again on a fresh connection */
-	pgpool_submit(&j->st->pool, &j->unit);
+	/* BEGIN and a locking read: safe to send again on a fresh connection */
+	pgpool_run(&j->st->pool, &j->unit, wf_claim_send, wf_claim_step, j, 1);
 }
 
 /* ---- entry points ---- */
