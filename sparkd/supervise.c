@@ -422,6 +422,8 @@ proc_report(struct sd_proc *p, const struct report *r)
 		}
 		sd->qlen_at = now_wall();
 		break;
+	case REPORT_ANSWER: /* queries are not sent yet: nothing waits for an answer */
+	case REPORT_ANSWERED:
 	case REPORT_UNKNOWN:
 		break;
 	}
