@@ -2,9 +2,9 @@
  * Celery's task events (celery/worker/request.py, strategy.py; reference §5.6): task-received, -started,
  * -succeeded, -failed, -retried, -revoked, -rejected, as a Python worker sends them with -E: PUBLISH on the
  * celeryev fanout, "/<db>.celeryev/<type with . for ->", a kombu envelope with headers.hostname = the node and the
- * event's JSON body in base64. Each is one command queued on the broker connection, so it leaves in the same
- * write as the task's other commands (no round trip of its own, no reply waited for). Off, they cost the callers
- * one branch on w->events.on.
+ * event's JSON body in base64. The events of one loop tick leave as one command (events_flush) in the same write
+ * as the tasks' other commands (no round trip of their own, no reply waited for). Off, they cost the callers one
+ * branch on w->events.on.
  *
  * Differences from Python a monitor can see: args/kwargs and a result are JSON text (Python sends repr()), and a
  * traceback is the one line we have ("module.Type: message").
@@ -54,6 +54,7 @@ events_free(struct worker *w)
 	sbuf_free(&e->body);
 	sbuf_free(&e->env);
 	sbuf_free(&e->chan);
+	sbuf_free(&e->batch);
 }
 
 /* A uuid4-shaped delivery tag from the process's generator (a getrandom per event would cost more). */
@@ -135,7 +136,9 @@ events_ignore(struct rpipe *p, redisReply *r, void *arg)
 {
 }
 
-/* Close the body with timestamp and type, wrap it, and queue the PUBLISH. */
+#define EVENT_BATCH_MAX 49152 /* bytes of events in one PUBLISH (base64 grows it by a third) */
+
+/* Close the body with timestamp and type and add it to the tick's batch. */
 static void
 events_send(struct worker *w, const char *type)
 {
@@ -146,13 +149,44 @@ events_send(struct worker *w, const char *type)
 	sbuf_adds(b, num);
 	sbuf_adds(b, type);
 	sbuf_adds(b, "\"}");
+	if (e->nbatch > 0 && e->batch.len + b->len > EVENT_BATCH_MAX)
+		events_flush(w);
+	if (e->nbatch++ > 0)
+		sbuf_add(&e->batch, ", ", 2);
+	sbuf_add(&e->batch, b->p, b->len);
+	e->batch_type = type;
+	engine_tick(w);
+}
+
+/*
+ * The tick's events in one PUBLISH: one event as itself, several as Celery's own batch (a JSON list of events,
+ * routing key "task.multi", what its dispatcher's buffer groups send and every receiver since Celery 4 reads),
+ * so a drain's three events per task cost one command per tick, not three per task.
+ */
+void
+events_flush(struct worker *w)
+{
+	struct task_events *e = &w->events;
+	if (e->nbatch == 0)
+		return;
+	char rk[32] = "task.multi";
+	struct sbuf *b = &e->body;
+	sbuf_reset(b);
+	if (e->nbatch == 1) {
+		/* the routing key: the type with '-' as '.' (celery/events/event.py) */
+		size_t n = 0;
+		for (; e->batch_type[n] != '\0' && n + 1 < sizeof rk; n++)
+			rk[n] = e->batch_type[n] == '-' ? '.' : e->batch_type[n];
+		rk[n] = '\0';
+		sbuf_add(b, e->batch.p, e->batch.len);
+	} else {
+		sbuf_add(b, "[", 1);
+		sbuf_add(b, e->batch.p, e->batch.len);
+		sbuf_add(b, "]", 1);
+	}
+	sbuf_reset(&e->batch);
+	e->nbatch = 0;
 	char *b64 = message_b64_encode((const unsigned char *)b->p, b->len);
-	/* the routing key: the type with '-' as '.' (celery/events/event.py) */
-	char rk[32];
-	size_t n = 0;
-	for (; type[n] != '\0' && n + 1 < sizeof rk; n++)
-		rk[n] = type[n] == '-' ? '.' : type[n];
-	rk[n] = '\0';
 	struct sbuf *v = &e->env;
 	sbuf_reset(v);
 	sbuf_adds(v, "{\"body\": \"");
@@ -173,7 +207,7 @@ events_send(struct worker *w, const char *type)
 	sbuf_adds(c, rk);
 	const char *argv[] = {"PUBLISH", c->p, v->p};
 	size_t lens[] = {7, c->len, v->len};
-	/* fire and forget, as kombu's fanout is: an event lost with the connection is not sent again */
+	/* fire and forget, as kombu's fanout is: events lost with the connection are not sent again */
 	rpipe_send(&w->broker, events_ignore, NULL, 3, argv, lens);
 }
 

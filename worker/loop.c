@@ -365,6 +365,8 @@ engine_tick_cb(evutil_socket_t fd, short what, void *arg)
 	}
 	engine_maybe_exit(w);
 	engine_flush_reports(w, false);
+	if (w->events.nbatch > 0)
+		events_flush(w);
 	rpipe_flush(&w->broker);
 	rpipe_flush(&w->backend);
 }

@@ -345,6 +345,9 @@ struct task_events {
 	struct sbuf head;    /* the body's fields every event repeats: hostname, utcoffset, pid */
 	struct sbuf mid;     /* the envelope between the body and the routing key */
 	struct sbuf body, env, chan;
+	struct sbuf batch; /* the tick's events, comma-separated: one PUBLISH at the end of the tick */
+	int nbatch;
+	const char *batch_type; /* the only event's type while nbatch is 1 */
 };
 
 struct worker {
@@ -532,6 +535,7 @@ void revoke_load(struct chain *c);
 /* events.c */
 void events_init(struct worker *w);
 void events_free(struct worker *w);
+void events_flush(struct worker *w); /* end of tick: the tick's events as one PUBLISH */
 void events_received(struct worker *w, const struct job *j);
 void events_started(struct worker *w, const struct job *j);
 void events_succeeded(struct worker *w, const struct job *j, double runtime, const char *result, size_t len);

@@ -132,3 +132,24 @@ def test_task_revoked_event(tmp_path, redis, celery):
     finally:
         assert w.stop() == 0
         log.close()
+
+
+def test_task_events_of_a_burst_each_once_in_order(tmp_path, redis, celery):
+    """Eight slots draining a burst: a tick's events leave together (Celery's task.multi list when there are
+    several); every task's three events arrive exactly once, in order, and State counts every one a success."""
+    app = celery()
+    log = EventLog(app)
+    w = Worker(tmp_path, redis, slots=8, env={"CELERY_WORKER_SEND_TASK_EVENTS": "True"})
+    try:
+        rs = [app.send_task("spark.noop", args=[i]) for i in range(60)]
+        assert [r.get(timeout=t(10)) for r in rs] == list(range(60))
+        wait_for(lambda: all("task-succeeded" in log.types(r.id) for r in rs), t(10), what="every task's events")
+        for r in rs:
+            assert log.types(r.id) == ["task-received", "task-started", "task-succeeded"], r.id
+        with log.lock:
+            assert all(log.state.tasks[r.id].state == "SUCCESS" for r in rs)
+            clocks = [e["clock"] for e in log.events if e["type"].startswith("task-")]
+        assert clocks == sorted(clocks) and len(set(clocks)) == len(clocks) == 180
+    finally:
+        assert w.stop() == 0
+        log.close()
