@@ -3,14 +3,21 @@ every connect) and from sparkd's `revoke` command on fd 3 (sent here by the test
 is never run, wherever its message is when the revoke comes (not fetched yet, prefetched, waiting for its ETA,
 coming back as a retry): it gets Celery's REVOKED result and is acked. terminate stops a running task now."""
 
+import base64
 import json
+import os
+import subprocess
 import time
 import uuid
 
+import psycopg2
+import pytest
 from celery.exceptions import TaskRevokedError
 
+import pgserver
+import sources
 from engine_util import envelope, meta, processing_lists
-from harness import t, wait_for
+from harness import base_env, binary, t, wait_for
 from worker_util import Worker
 
 REVOKED_KEY = "spark:revoked"
@@ -128,5 +135,72 @@ def test_revoked_while_waiting_for_eta_or_retry(tmp_path, redis, celery):
         assert broker.zcard("spark:eta") == 0
         wait_for(lambda: nothing_held(broker), t(5), what="both acked")
         assert app.AsyncResult(later.id).state == "REVOKED"
+    finally:
+        assert w.stop() == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# workflow tasks: the tasks row leaves pending/running with the revocation named
+
+
+@pytest.fixture(scope="module")
+def wfdb(postgres):
+    """A fresh database for this module, migrated by `spark-worker --migrate` (as test_workflow.py does)."""
+    name = "rv_" + uuid.uuid4().hex[:10]
+    admin = psycopg2.connect(postgres.url.rsplit("/", 1)[0] + "/postgres")
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f"CREATE DATABASE {name}")
+    url = postgres.url.rsplit("/", 1)[0] + "/" + name
+    cp = subprocess.run([binary("spark-worker"), "--migrate"], capture_output=True, text=True,
+                        env=base_env({"DATABASE_URL": url}), timeout=t(30))
+    assert cp.returncode == 0, cp.stderr
+    conn = psycopg2.connect(url)
+    conn.autocommit = True
+    yield type("Db", (), {"url": url, "conn": conn})
+    conn.close()
+    with admin.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    admin.close()
+
+
+@pytest.fixture(scope="module")
+def langflow():
+    with sources.LangFlowServer(flows=("flow-1",)) as s:
+        yield s
+
+
+def test_revoked_workflow_rows(tmp_path, redis, celery, wfdb, langflow):
+    """spark.run_task of a pending row: revoked before it runs, the row ends failed naming the revocation and the
+    source is never called; terminated during its HTTP call, the call is aborted and the row ends the same."""
+    langflow.reset()
+    key = base64.urlsafe_b64encode(os.urandom(32)).decode()
+    backend = redis.client(1)
+    app = celery()
+    src = pgserver.seed_source(wfdb.conn, "langflow", langflow.url, "k", key)
+    wf = pgserver.seed_workflow(wfdb.conn, src, "flow-1")
+    w = Worker(tmp_path, redis, env={"DATABASE_URL": wfdb.url, "AUTOMAGIK_SPARK_ENCRYPTION_KEY": key})
+    try:
+        row = pgserver.seed_pending_task(wfdb.conn, wf)
+        celery_id = str(uuid.uuid4())
+        w.revoke([celery_id])
+        app.send_task("spark.run_task", args=[row], task_id=celery_id)
+        revoked_meta(backend, celery_id)
+        [r] = wait_for(lambda: (lambda x: x if x and x[0]["status"] == "failed" else None)(
+            pgserver.task_rows(wfdb.conn, task_id=row)), t(10), what="the row failed")
+        assert "revoked" in r["error"] and "TaskRevokedError" in r["error"], r
+        assert langflow.runs() == []
+
+        langflow.delay = 5.0
+        row2 = pgserver.seed_pending_task(wfdb.conn, wf)
+        running = app.send_task("spark.run_task", args=[row2])
+        wait_for(lambda: langflow.requests, t(10), what="the source called")
+        began = time.monotonic()
+        w.revoke([running.id], terminate=True)
+        revoked_meta(backend, running.id, reason="terminated")
+        assert time.monotonic() - began < t(1.0)
+        [r2] = wait_for(lambda: (lambda x: x if x and x[0]["status"] == "failed" else None)(
+            pgserver.task_rows(wfdb.conn, task_id=row2)), t(10), what="the terminated row failed")
+        assert "revoked" in r2["error"], r2
     finally:
         assert w.stop() == 0
