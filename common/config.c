@@ -76,6 +76,7 @@ static const struct vdef vdefs[] = {
     {"SPARK_START_TIMEOUT", NULL, "30", V_DOUBLE, 1, 3600, OFF(start_timeout)},
     {"SPARK_HEARTBEAT_INTERVAL", NULL, "5", V_DOUBLE, 0.1, 3600, OFF(heartbeat_interval)},
     {"SPARK_DB_POOL_SIZE", NULL, "4", V_INT, 1, 64, OFF(db_pool_size)},
+    {"CELERY_WORKER_SEND_TASK_EVENTS", NULL, "False", V_BOOL, 0, 0, OFF(send_task_events)},
 };
 #define NVDEFS (sizeof vdefs / sizeof vdefs[0])
 
@@ -687,6 +688,7 @@ config_export(const struct spark_config *cfg)
 	setenv_num("CELERY_TASK_SOFT_TIME_LIMIT", cfg->soft_time_limit);
 	setenv_num("CELERY_TASK_MAX_RETRIES", cfg->max_retries);
 	setenv("CELERY_TASK_RETRY_BACKOFF", cfg->retry_backoff ? "True" : "False", 1);
+	setenv("CELERY_WORKER_SEND_TASK_EVENTS", cfg->send_task_events ? "True" : "False", 1);
 	setenv_num("CELERY_TASK_RETRY_BACKOFF_MAX", cfg->retry_backoff_max);
 	setenv_num("CELERY_TASK_DEFAULT_RETRY_DELAY", cfg->default_retry_delay);
 	char q[SPARK_MAX_QUEUES * 210] = "";

@@ -57,6 +57,7 @@ struct spark_config {
 	double start_timeout;
 	double heartbeat_interval; /* SPARK_HEARTBEAT_INTERVAL: workers table heartbeat, seconds */
 	int db_pool_size;          /* SPARK_DB_POOL_SIZE: PostgreSQL connections per worker process */
+	bool send_task_events;     /* CELERY_WORKER_SEND_TASK_EVENTS, --events/-E: task-* events on celeryev */
 
 	char *env_file; /* the env file that was read, or NULL */
 	bool concurrency_forced;

@@ -61,8 +61,10 @@ start_check_running(struct ctl *ctl, const char *path)
 int
 cmd_start(struct ctl *ctl, const struct ctl_args *a)
 {
-	struct config_override ov[NSTART_VARS];
+	struct config_override ov[NSTART_VARS + 1];
 	size_t nov = 0;
+	if (a->set[OPT_EVENTS])
+		ov[nov++] = (struct config_override){"CELERY_WORKER_SEND_TASK_EVENTS", "--events", "True"};
 	for (size_t i = 0; i < NSTART_VARS; i++) {
 		if (!a->set[start_vars[i].id])
 			continue;
@@ -93,7 +95,7 @@ cmd_start(struct ctl *ctl, const struct ctl_args *a)
 	}
 
 	/* the options exactly as given, so sparkd resolves them with the same precedence we just checked */
-	const char *argv[2 * NSTART_VARS + 6];
+	const char *argv[2 * NSTART_VARS + 7];
 	size_t n = 0;
 	argv[n++] = "sparkd";
 	for (size_t i = 0; i < NSTART_VARS; i++) {
@@ -106,6 +108,8 @@ cmd_start(struct ctl *ctl, const struct ctl_args *a)
 		argv[n++] = "--env-file";
 		argv[n++] = env_file;
 	}
+	if (a->set[OPT_EVENTS])
+		argv[n++] = "--events";
 	if (!a->set[OPT_FOREGROUND])
 		argv[n++] = "--daemon";
 	argv[n] = NULL;

@@ -12,8 +12,8 @@
 
 #define ALWAYS OPT_SOCKET, OPT_HELP, OPT_VERSION
 
-static const enum ctl_optid start_opts[] = {OPT_WORKERS, OPT_CONCURRENCY, OPT_POOL,       OPT_LOGLEVEL,
-                                            OPT_QUEUES,  OPT_ENV_FILE,    OPT_FOREGROUND, ALWAYS};
+static const enum ctl_optid start_opts[] = {OPT_WORKERS,  OPT_CONCURRENCY, OPT_POOL,   OPT_LOGLEVEL, OPT_QUEUES,
+                                            OPT_ENV_FILE, OPT_FOREGROUND,  OPT_EVENTS, ALWAYS};
 static const enum ctl_optid status_opts[] = {OPT_VERBOSE, OPT_JSON, ALWAYS};
 static const enum ctl_optid stop_opts[] = {OPT_FORCE, OPT_TIMEOUT, ALWAYS};
 static const enum ctl_optid logs_opts[] = {OPT_FOLLOW, OPT_LEVEL, OPT_LINES, OPT_WORKER, OPT_JSON, ALWAYS};

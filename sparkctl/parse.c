@@ -34,6 +34,7 @@ static const struct ctl_optspec optspecs[] = {
     {OPT_LEVEL, "--level", 0, OPTV_LEVEL, "LEVEL", "only this level and above: debug, info, warning, error, critical"},
     {OPT_LINES, "--lines", 'n', OPTV_COUNT, "N", "how many past lines (default 100)"},
     {OPT_WORKER, "--worker", 0, OPTV_STRING, "NAME", "only this worker (e.g. celery-1@host)"},
+    {OPT_EVENTS, "--events", 'E', OPTV_NONE, NULL, "send task events (CELERY_WORKER_SEND_TASK_EVENTS, default off)"},
 };
 
 /* Bounds that keep numbers sane on the wire (int32 for lines, a week for timeouts). */

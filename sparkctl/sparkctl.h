@@ -40,6 +40,7 @@ enum ctl_optid {
 	OPT_LEVEL,
 	OPT_LINES,
 	OPT_WORKER,
+	OPT_EVENTS,
 	OPT__COUNT,
 };
 

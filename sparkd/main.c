@@ -23,7 +23,7 @@ static void
 usage(FILE *f)
 {
 	fprintf(f, "usage: sparkd [--workers N] [--concurrency N] [--pool prefork|threads|solo] [--loglevel LEVEL]\n"
-	           "              [--queues a,b] [--env-file FILE] [--socket PATH] [--daemon]\n"
+	           "              [--queues a,b] [--events|-E] [--env-file FILE] [--socket PATH] [--daemon]\n"
 	           "       sparkd --help | --version\n"
 	           "\n"
 	           "The spark worker supervisor: runs spark-worker processes, restarts them, captures their logs and\n"
@@ -182,6 +182,8 @@ bridge_atexit(void)
 int
 main(int argc, char **argv)
 {
+	/* one option a line, so option changes merge */
+	/* clang-format off */
 	static const struct option longopts[] = {
 	    {"workers", required_argument, NULL, 'w'},
 	    {"concurrency", required_argument, NULL, 'c'},
@@ -191,16 +193,18 @@ main(int argc, char **argv)
 	    {"env-file", required_argument, NULL, 'e'},
 	    {"socket", required_argument, NULL, 's'},
 	    {"daemon", no_argument, NULL, 'd'},
+	    {"events", no_argument, NULL, 'E'},
 	    {"help", no_argument, NULL, 'h'},
 	    {"version", no_argument, NULL, 'V'},
 	    {NULL, 0, NULL, 0},
 	};
+	/* clang-format on */
 	struct config_override ov[8];
 	size_t nov = 0;
 	const char *env_file = NULL;
 	bool daemon_mode = false;
 	int ch;
-	while ((ch = getopt_long(argc, argv, "+", longopts, NULL)) != -1) {
+	while ((ch = getopt_long(argc, argv, "+E", longopts, NULL)) != -1) {
 		const char *var = NULL, *flag = NULL;
 		switch (ch) {
 		case 'w':
@@ -227,6 +231,9 @@ main(int argc, char **argv)
 		case 'd':
 			daemon_mode = true;
 			break;
+		case 'E':
+			var = "CELERY_WORKER_SEND_TASK_EVENTS", flag = "--events";
+			break;
 		case 'h':
 			usage(stdout);
 			return 0;
@@ -242,7 +249,8 @@ main(int argc, char **argv)
 			size_t i;
 			for (i = 0; i < nov && strcmp(ov[i].var, var) != 0; i++)
 				;
-			ov[i] = (struct config_override){var, flag, optarg};
+			/* --events is a flag: it sets its variable to True */
+			ov[i] = (struct config_override){var, flag, ch == 'E' ? "True" : optarg};
 			if (i == nov)
 				nov++;
 		}

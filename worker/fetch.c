@@ -47,7 +47,7 @@ fetch_capacity(const struct worker *w)
 static void
 fetch_choose_key(struct worker *w)
 {
-	int nq = w->cfg->nqueues;
+	int nq = w->nqueues;
 	for (int base = 0; base < w->nqkeys; base += nq) {
 		for (int i = 1; i <= nq; i++) {
 			int k = base + (w->fast_key % nq + i) % nq;
@@ -132,7 +132,8 @@ fetch_llen_cb(struct rpipe *p, redisReply *r, void *arg)
 			w->batch_probe = w->batch_dry = false;
 		return;
 	}
-	w->probe_len[k] = r->type == REDIS_REPLY_INTEGER ? r->integer : 0;
+	if (k < w->nqkeys) /* else asked before a queues command replaced the keys */
+		w->probe_len[k] = r->type == REDIS_REPLY_INTEGER ? r->integer : 0;
 	fetch_reply_done(w);
 }
 

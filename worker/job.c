@@ -79,6 +79,43 @@ job_failure_meta(struct job *j, const char *status, const char *module, const ch
 	return job_meta(j, status, w->scratch.p, w->scratch.len, tb);
 }
 
+/* Celery's REVOKED: TaskRevokedError(reason) without a traceback (mark_as_revoked), then the ack. */
+static void
+job_end_revoked(struct job *j, const char *reason, const char *signal, bool expired)
+{
+	struct worker *w = j->w;
+	log_info("Discarding revoked task: %s[%s] (%s)", j->m.task_name ? j->m.task_name : "?",
+	         j->m.task_id ? j->m.task_id : "?", reason);
+	if (w->events.on)
+		events_revoked(w, j, j->terminated, signal, expired);
+	if (j->store_result) {
+		meta_exception(&w->scratch, "celery.exceptions", "TaskRevokedError", reason);
+		j->out_meta = job_meta(j, "REVOKED", w->scratch.p, w->scratch.len, NULL);
+	}
+	j->out = OUT_RESULT;
+	j->report_outcome = "revoked";
+	outcome_write(j);
+}
+
+bool
+job_is_workflow(const struct job *j)
+{
+	return j->fn == task_execute_workflow || j->fn == task_run_task;
+}
+
+/* A revoked message: REVOKED at once, or, for a workflow task, a run with the revocation preset so the plugin
+ * records it on the task's row (which may be pending from an earlier attempt) without calling the source. */
+static bool
+job_revoke_reserved(struct job *j)
+{
+	if (j->fn != NULL && job_is_workflow(j) && j->w->cfg->database_url != NULL) {
+		j->revoked = true;
+		return false;
+	}
+	job_end_revoked(j, "revoked", NULL, false);
+	return true;
+}
+
 /* A message that cannot run: FAILURE result when it has an id, then the dead-letter list. */
 static void
 job_reject(struct job *j, const char *module, const char *type, const char *message, const char *reason)
@@ -92,6 +129,8 @@ job_reject(struct job *j, const char *module, const char *type, const char *mess
 	j->out = OUT_DEADLETTER;
 	j->out_reason = xstrdup(reason);
 	j->report_outcome = NULL;
+	if (j->w->events.on && j->m.task_id != NULL)
+		events_rejected(j->w, j);
 	outcome_write(j);
 }
 
@@ -217,16 +256,23 @@ job_new(struct worker *w, const char *qkey, const char *raw, size_t len, const c
 		job_reject(j, "builtins", j->m.exc_type, j->m.reason, j->m.reason);
 		return NULL;
 	}
+	/* revoked before it came: whether fetched first, back from its ETA or as a retry */
+	if (revoke_has(&w->revoked, j->m.task_id) && job_revoke_reserved(j))
+		return NULL;
 	double now = now_wall();
-	if (j->m.expires > 0 && now >= j->m.expires) {
+	if (j->m.expires > 0 && now >= j->m.expires && !j->revoked) {
 		log_info("Discarding revoked task: %s[%s] (expired)", j->m.task_name, j->m.task_id);
+		if (w->events.on)
+			events_revoked(w, j, false, NULL, true);
 		j->out_meta = job_failure_meta(j, "REVOKED", "celery.exceptions", "TaskRevokedError", "expired");
 		j->out = OUT_RESULT;
 		j->report_outcome = NULL;
 		outcome_write(j);
 		return NULL;
 	}
-	if (j->m.eta > now) {
+	if (w->events.on && !j->revoked)
+		events_received(w, j);
+	if (j->m.eta > now && !j->revoked) {
 		char iso[64];
 		message_format_iso(j->m.eta, true, iso, sizeof iso);
 		log_info("Task %s[%s] received: ETA %s, waiting in " KEY_ETA, j->m.task_name, j->m.task_id, iso);
@@ -235,7 +281,7 @@ job_new(struct worker *w, const char *qkey, const char *raw, size_t len, const c
 		outcome_write(j);
 		return NULL;
 	}
-	if (w->stop) {
+	if (w->stop && !j->revoked) {
 		log_info("Task %s[%s] put back in the queue (worker stopping)", j->m.task_name, j->m.task_id);
 		j->out = OUT_REQUEUE;
 		outcome_write(j);
@@ -256,8 +302,7 @@ job_soft_cb(evutil_socket_t fd, short what, void *arg)
 	int expected = TASK_CANCEL_NONE;
 	if (!atomic_compare_exchange_strong(&j->run.cancel_flag, &expected, TASK_CANCEL_SOFT_LIMIT))
 		return;
-	double soft = j->m.soft_limit >= 0 ? j->m.soft_limit : j->w->cfg->soft_time_limit;
-	log_warnx("Soft time limit (%gs) exceeded for %s[%s]", soft, j->m.task_name, j->m.task_id);
+	log_warnx("Soft time limit (%gs) exceeded for %s[%s]", j->soft_s, j->m.task_name, j->m.task_id);
 	if (j->run.on_cancel != NULL)
 		j->run.on_cancel(&j->run);
 }
@@ -285,7 +330,7 @@ job_hard_cb(evutil_socket_t fd, short what, void *arg)
 	struct worker *w = j->w;
 	if (j->state != JOB_RUNNING)
 		return;
-	double hard = j->m.hard_limit >= 0 ? j->m.hard_limit : w->cfg->time_limit;
+	double hard = j->hard_s;
 	log_errorx("Hard time limit (%gs) exceeded for %s[%s]", hard, j->m.task_name, j->m.task_id);
 	atomic_store(&j->run.cancel_flag, TASK_CANCEL_HARD_LIMIT);
 	char msg[128];
@@ -323,14 +368,32 @@ job_start(struct job *j, int slot)
 	struct worker *w = j->w;
 	const struct spark_config *cfg = w->cfg;
 	struct message *m = &j->m;
-	double hard = m->hard_limit >= 0 ? m->hard_limit : cfg->time_limit;
-	double soft = m->soft_limit >= 0 ? m->soft_limit : cfg->soft_time_limit;
+	/* Celery's order: the message's timelimit, then the task's own (the time_limit command), then the
+	 * process-wide default */
+	double hard = cfg->time_limit, soft = cfg->soft_time_limit;
+	for (int i = 0; i < w->nlimits; i++)
+		if (strcmp(w->limits[i].name, m->task_name) == 0) {
+			hard = w->limits[i].hard;
+			soft = w->limits[i].soft;
+			break;
+		}
+	if (m->hard_limit >= 0)
+		hard = m->hard_limit;
+	if (m->soft_limit >= 0)
+		soft = m->soft_limit;
+	j->soft_s = soft;
 	j->state = JOB_RUNNING;
 	j->slot = slot;
 	w->slots[slot] = j;
 	w->running++;
 	j->started_mono = now_mono();
+	j->started_wall = now_wall();
 	log_info("Task %s[%s] received", m->task_name, m->task_id);
+	if (!j->revoked) {
+		query_count_task(w, m->task_name);
+		if (w->events.on)
+			events_started(w, j);
+	}
 	if (j->store_result) {
 		job_queue_record(j); /* STARTED at the end of the tick, if it still runs then */
 		j->started_queued = true;
@@ -367,7 +430,9 @@ job_start(struct job *j, int slot)
 	run->done = job_task_done;
 	run->engine = j;
 	run->task = &w->workflow; /* how workflow tasks find the plugin (task.h); others replace it */
-	atomic_store(&run->cancel_flag, w->cold ? TASK_CANCEL_SHUTDOWN : TASK_CANCEL_NONE);
+	atomic_store(&run->cancel_flag, w->cold      ? TASK_CANCEL_SHUTDOWN
+	                                : j->revoked ? TASK_CANCEL_REVOKED
+	                                             : TASK_CANCEL_NONE);
 	run->cancel = &run->cancel_flag;
 	run->outcome = TASK_SUCCESS;
 	j->fn(run);
@@ -418,6 +483,18 @@ job_task_done(struct task_run *run)
 	double runtime = now_mono() - j->started_mono;
 	job_leave_slot(j);
 	int cancel = atomic_load(&run->cancel_flag);
+	if (cancel == TASK_CANCEL_REVOKED) {
+		/* whatever the task made of it: revoked, as Celery records a terminated or discarded task */
+		if (j->terminated) {
+			j->counted = true;
+			w->processed++;
+		}
+		free(j->out_meta);
+		j->out_meta = NULL;
+		job_end_revoked(j, j->terminated ? "terminated" : "revoked", NULL, false);
+		engine_tick(w);
+		return;
+	}
 	if (cancel == TASK_CANCEL_SHUTDOWN && run->outcome != TASK_SUCCESS) {
 		log_warnx("Task %s[%s] interrupted by cold shutdown: put back in the queue", m->task_name, m->task_id);
 		j->out = OUT_REQUEUE;
@@ -426,9 +503,8 @@ job_task_done(struct task_run *run)
 	}
 	if (cancel == TASK_CANCEL_SOFT_LIMIT && run->outcome != TASK_SUCCESS &&
 	    strcmp(run->exc_type, "SoftTimeLimitExceeded") != 0) {
-		double soft = m->soft_limit >= 0 ? m->soft_limit : cfg->soft_time_limit;
 		task_fail(run, TASK_FAILURE, "celery.exceptions", "SoftTimeLimitExceeded",
-		          "soft time limit (%gs) exceeded", soft);
+		          "soft time limit (%gs) exceeded", j->soft_s);
 	} else if (cancel == TASK_CANCEL_SOFT_LIMIT && run->outcome != TASK_SUCCESS) {
 		run->outcome = TASK_FAILURE;
 	}
@@ -460,6 +536,8 @@ job_task_done(struct task_run *run)
 		j->out = OUT_RESULT;
 		j->report_outcome = "success";
 		j->out_meta = job_meta(j, "SUCCESS", text, len, NULL);
+		if (w->events.on)
+			events_succeeded(w, j, runtime, text, len);
 		free(dumped);
 	} else if (run->outcome == TASK_RETRY) {
 		double countdown = run->retry_countdown > 0 ? run->retry_countdown : 0;
@@ -474,6 +552,8 @@ job_task_done(struct task_run *run)
 			         run->exc_type, run->exc_message);
 			j->out = OUT_RETRY;
 			j->report_outcome = "retry";
+			if (w->events.on)
+				events_failed(w, j, run->exc_type, run->exc_message, true);
 			j->out_meta = job_failure_meta(j, "RETRY", run->exc_module, run->exc_type, run->exc_message);
 		}
 	}
@@ -484,6 +564,8 @@ job_task_done(struct task_run *run)
 		j->report_outcome = "failure";
 		j->out_meta = job_failure_meta(j, "FAILURE", run->exc_module[0] ? run->exc_module : "builtins",
 		                               run->exc_type[0] ? run->exc_type : "RuntimeError", run->exc_message);
+		if (w->events.on)
+			events_failed(w, j, run->exc_type[0] ? run->exc_type : "RuntimeError", run->exc_message, false);
 	}
 	w->processed++;
 	if (cfg->max_tasks_per_child > 0 && w->processed >= cfg->max_tasks_per_child)
@@ -534,4 +616,42 @@ job_requeue_reserved(struct worker *w)
 		j->out = OUT_REQUEUE;
 		outcome_write(j);
 	}
+}
+
+/* terminate: stop the running task now; its end (job_task_done) records REVOKED. */
+static void
+job_terminate(struct job *j, const char *signal)
+{
+	struct worker *w = j->w;
+	log_info("Terminating task %s[%s] (revoked, %s)", j->m.task_name, j->m.task_id,
+	         signal && signal[0] ? signal : "SIGTERM");
+	j->terminated = true;
+	atomic_store(&j->run.cancel_flag, TASK_CANCEL_REVOKED);
+	if (j->run.on_cancel != NULL) {
+		j->run.on_cancel(&j->run); /* may end the task, and free j, before it returns */
+		return;
+	}
+	/* a task that cannot be interrupted: its end is recorded now and its own end ignored */
+	j->counted = true;
+	w->processed++;
+	job_leave_slot(j);
+	j->state = JOB_ABANDONED;
+	job_end_revoked(j, "terminated", signal, false);
+	engine_tick(w);
+}
+
+void
+job_revoke_held(struct worker *w, bool terminate, const char *signal)
+{
+	struct job *j, *next;
+	for (j = TAILQ_FIRST(&w->jobs); j != NULL; j = next) {
+		next = TAILQ_NEXT(j, entry);
+		if (j->revoked || j->terminated || !revoke_has(&w->revoked, j->m.task_id))
+			continue;
+		if (j->state == JOB_RESERVED)
+			job_revoke_reserved(j);
+		else if (j->state == JOB_RUNNING && terminate)
+			job_terminate(j, signal);
+	}
+	engine_tick(w);
 }

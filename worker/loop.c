@@ -40,6 +40,63 @@ same_server(const struct redis_url *a, const struct redis_url *b)
 	       str_same(a->user, b->user) && str_same(a->password, b->password);
 }
 
+/* The queue set and its keys; the keys of a set being replaced are kept (retired) until the process ends. */
+static void
+engine_build_queues(struct worker *w, int n, const char *const *names)
+{
+	w->old_qkeys = xrealloc(w->old_qkeys, (size_t)(w->nold_qkeys + w->nqkeys) * sizeof *w->old_qkeys);
+	for (int i = 0; i < w->nqkeys; i++) {
+		w->old_qkeys[w->nold_qkeys++] = w->qkeys[i];
+		free(w->qnames[i]);
+	}
+	for (int i = 0; i < w->nqueues; i++)
+		free(w->queues[i]);
+	free(w->queues);
+	free(w->qkeys);
+	free(w->qnames);
+	free(w->probe_len);
+	free(w->qlen_acc);
+	w->nqueues = n;
+	w->queues = xcalloc((size_t)n, sizeof *w->queues);
+	for (int i = 0; i < n; i++)
+		w->queues[i] = xstrdup(names[i]);
+	/* kombu's order: priority-major, then queue */
+	static const int steps[] = {0, 3, 6, 9};
+	w->nqkeys = 4 * n;
+	w->qkeys = xcalloc((size_t)w->nqkeys, sizeof *w->qkeys);
+	w->qnames = xcalloc((size_t)w->nqkeys, sizeof *w->qnames);
+	for (int p = 0, k = 0; p < 4; p++)
+		for (int q = 0; q < n; q++, k++) {
+			w->qkeys[k] = message_queue_key(names[q], steps[p]);
+			w->qnames[k] = xstrdup(names[q]);
+		}
+	w->probe_len = xcalloc((size_t)w->nqkeys, sizeof *w->probe_len);
+	w->qlen_acc = xcalloc((size_t)n, sizeof *w->qlen_acc);
+	w->fast_key = 0;
+}
+
+void
+engine_set_queues(struct worker *w, int n, const char *const *names)
+{
+	if (n <= 0 || n > SPARK_MAX_QUEUES) {
+		log_warnx("queues command with %d queues ignored (1 to %d)", n, SPARK_MAX_QUEUES);
+		return;
+	}
+	engine_build_queues(w, n, names);
+	char list[512] = "";
+	for (int i = 0; i < n; i++) {
+		size_t len = strlen(list);
+		snprintf(list + len, sizeof list - len, "%s%s", i ? "," : "", names[i]);
+	}
+	log_info("Consuming from queues %s", list);
+	if (w->broker.ready)
+		sweep_register(w, NULL); /* kombu's bindings of the new queues */
+	/* probe the new keys at once: the LLENs that find them empty arm the idle wake for them */
+	w->fetch_idle = false;
+	w->next_probe = 0;
+	engine_tick(w);
+}
+
 int
 engine_init(struct worker *w, const struct spark_config *cfg, const char *node, int nslots)
 {
@@ -52,18 +109,7 @@ engine_init(struct worker *w, const struct spark_config *cfg, const char *node, 
 	w->proc_key = xasprintf(KEY_PROCESSING_PREFIX "%s:%ld", w->host, w->pid);
 	w->landing_key = xasprintf("%s" KEY_LANDING_SUFFIX, w->proc_key);
 	w->alive_key = xasprintf(KEY_ALIVE_PREFIX "%s:%ld", w->host, w->pid);
-	/* kombu's order: priority-major, then queue */
-	static const int steps[] = {0, 3, 6, 9};
-	w->nqkeys = 4 * cfg->nqueues;
-	w->qkeys = xcalloc((size_t)w->nqkeys, sizeof *w->qkeys);
-	w->qnames = xcalloc((size_t)w->nqkeys, sizeof *w->qnames);
-	for (int p = 0, k = 0; p < 4; p++)
-		for (int q = 0; q < cfg->nqueues; q++, k++) {
-			w->qkeys[k] = message_queue_key(cfg->queues[q], steps[p]);
-			w->qnames[k] = xstrdup(cfg->queues[q]);
-		}
-	w->probe_len = xcalloc((size_t)w->nqkeys, sizeof *w->probe_len);
-	w->qlen_acc = xcalloc((size_t)cfg->nqueues, sizeof *w->qlen_acc);
+	engine_build_queues(w, cfg->nqueues, (const char *const *)cfg->queues);
 	w->slots = xcalloc((size_t)nslots, sizeof *w->slots);
 	int mult = cfg->prefetch_multiplier > 0 ? cfg->prefetch_multiplier : 1;
 	w->max_held = nslots * mult;
@@ -80,6 +126,9 @@ engine_init(struct worker *w, const struct spark_config *cfg, const char *node, 
 	sbuf_adds(&w->started_json, ", \"hostname\": ");
 	sbuf_add_json_string(&w->started_json, node, strlen(node));
 	sbuf_adds(&w->started_json, "}");
+	revoke_init(&w->revoked);
+	events_init(w);
+	w->started_at = now_wall();
 	rpipe_init(&w->broker, w, RPIPE_COMMANDS, &cfg->broker, "broker");
 	rpipe_init(&w->notify, w, RPIPE_NOTIFY, &cfg->broker, "broker (notify)");
 	if (cfg->result_backend != NULL && !w->backend_on_broker)
@@ -105,6 +154,10 @@ engine_free(struct worker *w)
 			event_free(evs[i]);
 	if (w->base != NULL)
 		event_base_free(w->base);
+	commands_stop(w);
+	revoke_free(&w->revoked);
+	events_free(w);
+	query_free(w);
 	reporter_free(&w->rep);
 	sbuf_free(&w->meta);
 	sbuf_free(&w->scratch);
@@ -114,6 +167,12 @@ engine_free(struct worker *w)
 		free(w->qkeys[i]);
 		free(w->qnames[i]);
 	}
+	for (int i = 0; i < w->nold_qkeys; i++)
+		free(w->old_qkeys[i]);
+	for (int i = 0; i < w->nqueues; i++)
+		free(w->queues[i]);
+	free(w->queues);
+	free(w->old_qkeys);
 	free(w->qkeys);
 	free(w->qnames);
 	free(w->probe_len);
@@ -306,6 +365,8 @@ engine_tick_cb(evutil_socket_t fd, short what, void *arg)
 	}
 	engine_maybe_exit(w);
 	engine_flush_reports(w, false);
+	if (w->events.nbatch > 0)
+		events_flush(w);
 	rpipe_flush(&w->broker);
 	rpipe_flush(&w->backend);
 }
@@ -359,9 +420,9 @@ engine_started(struct worker *w, bool ok)
 	if (workflow_open(&w->workflow, w->cfg, w->node, w->nslots, w->base) < 0)
 		log_warnx("Workflow support could not be initialised; workflow tasks will retry it");
 	char queues[512] = "";
-	for (int i = 0; i < w->cfg->nqueues; i++) {
+	for (int i = 0; i < w->nqueues; i++) {
 		size_t n = strlen(queues);
-		snprintf(queues + n, sizeof queues - n, "%s%s", i ? "," : "", w->cfg->queues[i]);
+		snprintf(queues + n, sizeof queues - n, "%s%s", i ? "," : "", w->queues[i]);
 	}
 	if (!w->stop) {
 		report_ready(&w->rep, w->nslots);
@@ -435,6 +496,7 @@ engine_run(struct worker *w)
 	if (w->base == NULL)
 		fatalx("cannot create the event loop");
 	reporter_init(&w->rep, SPARK_REPORT_FD);
+	commands_start(w);
 	static const int sigs[4] = {SIGTERM, SIGINT, SIGQUIT, SIGHUP};
 	for (int i = 0; i < 4; i++) {
 		w->sig_ev[i] = evsignal_new(w->base, sigs[i], engine_signal_cb, w);

@@ -25,8 +25,8 @@ route_of(const struct worker *w, const char *raw, size_t len)
 	json_t *props = json_object_get(env, "properties");
 	const char *rk = json_string_value(json_object_get(json_object_get(props, "delivery_info"), "routing_key"));
 	json_t *pr = json_object_get(props, "priority");
-	char *key = message_queue_key(rk && rk[0] ? rk : w->cfg->queues[0],
-	                              json_is_integer(pr) ? (int)json_integer_value(pr) : 0);
+	char *key =
+	    message_queue_key(rk && rk[0] ? rk : w->queues[0], json_is_integer(pr) ? (int)json_integer_value(pr) : 0);
 	json_decref(env);
 	return key;
 }

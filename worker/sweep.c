@@ -102,8 +102,8 @@ sweep_register(struct worker *w, void (*done)(struct worker *w, bool ok))
 	chain_send(c, chain_last_cb, 5, set, NULL);
 	const char *sadd[] = {"SADD", KEY_PROCESSING_SET, w->proc_key};
 	chain_send(c, chain_last_cb, 3, sadd, NULL);
-	for (int i = 0; i < w->cfg->nqueues; i++) {
-		const char *q = w->cfg->queues[i];
+	for (int i = 0; i < w->nqueues; i++) {
+		const char *q = w->queues[i];
 		char *key = xasprintf("_kombu.binding.%s", q);
 		char *member = xasprintf("%s" KOMBU_SEP KOMBU_SEP "%s", q, q);
 		const char *b[] = {"SADD", key, member};
@@ -171,6 +171,7 @@ sweep_reconcile(struct worker *w, void (*done)(struct worker *w, bool ok))
 	chain_send(c, reconcile_list_cb, 4, a, NULL);
 	const char *b[] = {"LRANGE", w->landing_key, "0", "-1"};
 	chain_send(c, reconcile_list_cb, 4, b, NULL);
+	revoke_load(c); /* before fetching resumes: ids revoked while this process was away */
 	chain_end_if_idle(c);
 }
 
@@ -200,12 +201,13 @@ queues_cb(struct rpipe *p, redisReply *r, void *arg)
 	struct worker *w = c->w;
 	if (r != NULL && r->type == REDIS_REPLY_INTEGER) {
 		int k = w->nqkeys - c->pending; /* replies come in the order sent */
-		w->qlen_acc[k % w->cfg->nqueues] += r->integer;
+		if (k >= 0 && k < w->nqkeys)    /* else counted before a queues command replaced the keys */
+			w->qlen_acc[k % w->nqueues] += r->integer;
 	}
 	if (!chain_reply(c, r))
 		return;
 	if (!c->failed)
-		report_queues(&w->rep, w->cfg->nqueues, (const char *const *)w->cfg->queues, w->qlen_acc);
+		report_queues(&w->rep, w->nqueues, (const char *const *)w->queues, w->qlen_acc);
 	chain_end(c);
 }
 
@@ -247,7 +249,7 @@ sweep_tick(struct worker *w)
 	if (now >= w->next_queues && !w->queues_running) {
 		w->next_queues = now + 5;
 		struct chain *c = chain_new(w, NULL, &w->queues_running);
-		memset(w->qlen_acc, 0, sizeof *w->qlen_acc * (size_t)w->cfg->nqueues);
+		memset(w->qlen_acc, 0, sizeof *w->qlen_acc * (size_t)w->nqueues);
 		for (int k = 0; k < w->nqkeys; k++) {
 			const char *a[] = {"LLEN", w->qkeys[k]};
 			chain_send(c, queues_cb, 2, a, NULL);

@@ -29,6 +29,8 @@ enum task_cancel {
 	TASK_CANCEL_SOFT_LIMIT, /* soft time limit reached: stop cleanly */
 	TASK_CANCEL_SHUTDOWN,   /* cold stop: stop now, the message goes back to the queue */
 	TASK_CANCEL_HARD_LIMIT, /* hard limit: the engine is about to record TimeLimitExceeded */
+	TASK_CANCEL_REVOKED,    /* revoked (terminate, or before it started): stop now; the engine records REVOKED,
+	                           a workflow records the revocation on its tasks row */
 };
 
 struct task_run {
@@ -136,8 +138,9 @@ int workflow_migrate(const struct spark_config *cfg);
  * The plugin's one exported symbol (workflow-plugin.c). Bump WORKFLOW_PLUGIN_ABI whenever this struct changes;
  * the sizes catch a plugin built against another struct task_run or struct spark_config.
  * ABI 2: the plugin runs on the process's event loop; its state is one struct wf_state.
+ * ABI 3: TASK_CANCEL_REVOKED (a run may start with it already set: record the revocation, call nothing).
  */
-#define WORKFLOW_PLUGIN_ABI    2
+#define WORKFLOW_PLUGIN_ABI    3
 #define WORKFLOW_PLUGIN_SYMBOL "spark_workflow_plugin"
 #define WORKFLOW_PLUGIN_FILE   "spark-workflow.so"
 

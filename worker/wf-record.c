@@ -330,6 +330,8 @@ wf_finish_cancelled(struct wf_job *j)
 	}
 	if (why == TASK_CANCEL_HARD_LIMIT)
 		wf_finish_failed(j, TASK_FAILURE, "celery.exceptions", "TimeLimitExceeded", "TimeLimitExceeded");
+	else if (why == TASK_CANCEL_REVOKED)
+		wf_finish_failed(j, TASK_FAILURE, "celery.exceptions", "TaskRevokedError", "TaskRevokedError: revoked");
 	else
 		wf_finish_failed(j, TASK_FAILURE, "celery.exceptions", "SoftTimeLimitExceeded",
 		                 "SoftTimeLimitExceeded: soft time limit exceeded");

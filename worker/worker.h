@@ -12,6 +12,10 @@
  *   message.c   Celery envelope scan (jsmn, no DOM on the hot path), retry envelopes, key naming
  *   meta.c      Celery result metas built into a reused buffer
  *   tasks.c     task registry and the built-in tasks
+ *   commands.c  sparkd's commands on fd 3 (common/command.h): read on the loop, dispatched
+ *   revoke.c    the revoked ids (SPARK_REVOKED_KEY, loaded on every connect, extended by commands)
+ *   events.c    Celery task events on the celeryev fanout, in the tick's pipeline
+ *   query.c     answers to sparkd's queries: what the process holds, as Celery's request-info dicts
  *
  * Redis keys owned by spark-worker (besides Celery's queues and kombu's unacked records):
  *   spark:processing                 SET of the processing lists of live processes
@@ -21,6 +25,7 @@
  *   spark:alive:<host>:<pid>         STRING with a TTL, refreshed while the process lives
  *   spark:eta                        ZSET: messages waiting for their ETA (score = epoch seconds)
  *   spark:deadletter                 LIST: bad messages with the reason
+ *   spark:revoked                    ZSET: revoked task ids (score = expiry), written by sparkd (command.h)
  */
 #ifndef SPARK_WORKER_H
 #define SPARK_WORKER_H
@@ -304,8 +309,46 @@ struct job {
 	bool task_ended;            /* an abandoned job's task has called done */
 	int record_pending;         /* replies of kombu's records outstanding */
 	int slot_reported;          /* the slot in its start report */
+	double soft_s;              /* the soft limit it runs under */
+	double started_wall;        /* epoch seconds it started (query active's time_start) */
+	bool revoked;               /* run only so the workflow plugin records the revocation (cancel preset) */
+	bool terminated;            /* revoked with terminate while running */
 };
 TAILQ_HEAD(jobq, job);
+
+/* ---- revoke.c: the process's revoked ids, bounded (SPARK_REVOKED_MAX, oldest dropped) and expiring ---- */
+
+struct revoke_entry;
+TAILQ_HEAD(revoke_ageq, revoke_entry);
+struct revoke_set {
+	struct revoke_entry **buckets;
+	size_t nbuckets;        /* a power of two */
+	struct revoke_ageq age; /* oldest first: the one dropped when the set is full */
+	int count;
+};
+/* Per-task-name time limits from the time_limit command (replace the process-wide ones for that name). */
+struct name_limit {
+	char *name;
+	double soft, hard;
+};
+struct name_count {
+	char *name;
+	long n;
+};
+
+/* ---- events.c: task events (Celery's task-* on the celeryev fanout) ---- */
+
+struct task_events {
+	bool on;
+	unsigned long clock; /* Lamport clock, as Celery's dispatcher forwards it */
+	uint64_t rng;        /* delivery tags */
+	struct sbuf head;    /* the body's fields every event repeats: hostname, utcoffset, pid */
+	struct sbuf mid;     /* the envelope between the body and the routing key */
+	struct sbuf body, env, chan;
+	struct sbuf batch; /* the tick's events, comma-separated: one PUBLISH at the end of the tick */
+	int nbatch;
+	const char *batch_type; /* the only event's type while nbatch is 1 */
+};
 
 struct worker {
 	const struct spark_config *cfg;
@@ -316,9 +359,13 @@ struct worker {
 	struct event_base *base;
 	struct reporter rep;
 	char *proc_key, *landing_key, *alive_key;
+	char **queues; /* the queues consumed now (cfg's, until a queues command replaces them) */
+	int nqueues;
 	char **qkeys; /* every priority key of every queue, priority-major (kombu's order) */
 	char **qnames;
 	int nqkeys;
+	char **old_qkeys; /* keys of replaced queue sets: jobs and replies in flight still point at them */
+	int nold_qkeys;
 
 	struct rpipe broker;  /* every broker command */
 	struct rpipe notify;  /* invalidations of the queue keys: the idle wait */
@@ -389,9 +436,21 @@ struct worker {
 	long long *qlen_acc; /* nqueues: lengths summed over priority keys */
 	struct dead_scan *dead_scan;
 	void (*startup_done)(struct worker *w, bool ok);
+
+	/* commands.c, revoke.c, events.c, query.c */
+	struct event *cmd_ev; /* fd 3 readable: sparkd's commands */
+	char *cmd_buf;        /* one datagram */
+	struct revoke_set revoked;
+	struct task_events events;
+	struct name_limit *limits;
+	int nlimits;
+	double started_at;         /* epoch seconds the process started */
+	struct name_count *totals; /* tasks started per name (query stats) */
+	int ntotals, totals_cap;
 };
 
 /* loop.c */
+void engine_set_queues(struct worker *w, int n, const char *const *names); /* replace the consumed queues */
 int engine_init(struct worker *w, const struct spark_config *cfg, const char *node, int nslots);
 int engine_run(struct worker *w); /* until stopped; the exit status */
 void engine_free(struct worker *w);
@@ -421,6 +480,10 @@ void job_unqueue_record(struct job *j);
 void job_flush_records(struct worker *w); /* end of tick: kombu's records of the jobs still held */
 void job_queue_report(struct job *j);
 void job_report_starts(struct worker *w); /* report flush: the starts of jobs still running */
+/* A revoke came (or the revoked set was loaded): end the held messages it names now; terminate: also stop the
+ * running ones (signal: Celery's name, for the event). */
+void job_revoke_held(struct worker *w, bool terminate, const char *signal);
+bool job_is_workflow(const struct job *j);
 
 /* outcome.c */
 void outcome_write(struct job *j);     /* write j's end (j->out set); frees j once confirmed */
@@ -454,6 +517,41 @@ void sweep_tick(struct worker *w);                                             /
 void sweep_unregister(struct worker *w, void (*done)(struct worker *w, bool ok));
 /* Reconcile the process's processing list with the jobs it holds: put back what no job holds. */
 void sweep_reconcile(struct worker *w, void (*done)(struct worker *w, bool ok));
+
+/* revoke.c */
+void revoke_init(struct revoke_set *s);
+void revoke_free(struct revoke_set *s);
+void revoke_add(struct revoke_set *s, const char *id, double expires);
+bool revoke_has_slow(struct revoke_set *s, const char *id);
+/* The hot path's check: one branch while nothing is revoked. */
+static inline bool
+revoke_has(struct revoke_set *s, const char *id)
+{
+	return s->count > 0 && id != NULL && revoke_has_slow(s, id);
+}
+/* The reconcile chain's step after every connect: the ids of SPARK_REVOKED_KEY not yet expired. */
+void revoke_load(struct chain *c);
+
+/* events.c */
+void events_init(struct worker *w);
+void events_free(struct worker *w);
+void events_flush(struct worker *w); /* end of tick: the tick's events as one PUBLISH */
+void events_received(struct worker *w, const struct job *j);
+void events_started(struct worker *w, const struct job *j);
+void events_succeeded(struct worker *w, const struct job *j, double runtime, const char *result, size_t len);
+void events_failed(struct worker *w, const struct job *j, const char *type, const char *msg, bool retried);
+void events_revoked(struct worker *w, const struct job *j, bool terminated, const char *signal, bool expired);
+void events_rejected(struct worker *w, const struct job *j);
+
+/* commands.c */
+void commands_start(struct worker *w); /* watch fd 3 when it is sparkd's socketpair */
+void commands_stop(struct worker *w);
+
+/* query.c */
+struct command;
+void query_answer(struct worker *w, const struct command *c);
+void query_count_task(struct worker *w, const char *name); /* a task started: stats' total */
+void query_free(struct worker *w);
 
 /* sweep-recover.c, sweep-unacked.c */
 struct dead_scan;

@@ -1,0 +1,315 @@
+/*
+ * Celery's task events (celery/worker/request.py, strategy.py; reference §5.6): task-received, -started,
+ * -succeeded, -failed, -retried, -revoked, -rejected, as a Python worker sends them with -E: PUBLISH on the
+ * celeryev fanout, "/<db>.celeryev/<type with . for ->", a kombu envelope with headers.hostname = the node and the
+ * event's JSON body in base64. The events of one loop tick leave as one command (events_flush) in the same write
+ * as the tasks' other commands (no round trip of their own, no reply waited for). Off, they cost the callers one
+ * branch on w->events.on.
+ *
+ * Differences from Python a monitor can see: args/kwargs and a result are JSON text (Python sends repr()), and a
+ * traceback is the one line we have ("module.Type: message").
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <time.h>
+
+#include "log.h"
+#include "util.h"
+#include "worker.h"
+
+#define EVENT_TEXT_MAX 1024 /* args, kwargs, results: cut beyond this, as Celery's saferepr cuts */
+
+void
+events_init(struct worker *w)
+{
+	struct task_events *e = &w->events;
+	e->on = w->cfg->send_task_events;
+	if (getrandom(&e->rng, sizeof e->rng, 0) != (ssize_t)sizeof e->rng || e->rng == 0)
+		e->rng = (uint64_t)w->pid * 0x9E3779B97F4A7C15ULL + 7;
+	/* celery.utils.time.utcoffset: hours west of UTC */
+	time_t t = time(NULL);
+	struct tm tm;
+	localtime_r(&t, &tm);
+	char num[64];
+	sbuf_adds(&e->head, "{\"hostname\": ");
+	sbuf_add_json_string(&e->head, w->node, strlen(w->node));
+	snprintf(num, sizeof num, ", \"utcoffset\": %ld, \"pid\": %ld, \"clock\": ", -(long)tm.tm_gmtoff / 3600,
+	         w->pid);
+	sbuf_adds(&e->head, num);
+	sbuf_adds(&e->mid, "\", \"content-encoding\": \"utf-8\", \"content-type\": \"application/json\", "
+	                   "\"headers\": {\"hostname\": ");
+	sbuf_add_json_string(&e->mid, w->node, strlen(w->node));
+	sbuf_adds(&e->mid, "}, \"properties\": {\"delivery_mode\": 1, \"delivery_info\": {\"exchange\": \"celeryev\", "
+	                   "\"routing_key\": \"");
+}
+
+void
+events_free(struct worker *w)
+{
+	struct task_events *e = &w->events;
+	sbuf_free(&e->head);
+	sbuf_free(&e->mid);
+	sbuf_free(&e->body);
+	sbuf_free(&e->env);
+	sbuf_free(&e->chan);
+	sbuf_free(&e->batch);
+}
+
+/* A uuid4-shaped delivery tag from the process's generator (a getrandom per event would cost more). */
+static void
+events_tag(struct task_events *e, char out[37])
+{
+	unsigned char b[16];
+	for (int i = 0; i < 2; i++) {
+		e->rng ^= e->rng >> 12;
+		e->rng ^= e->rng << 25;
+		e->rng ^= e->rng >> 27;
+		uint64_t v = e->rng * 0x2545F4914F6CDD1DULL;
+		memcpy(b + 8 * i, &v, 8);
+	}
+	b[6] = (unsigned char)((b[6] & 0x0f) | 0x40);
+	b[8] = (unsigned char)((b[8] & 0x3f) | 0x80);
+	static const char hex[] = "0123456789abcdef";
+	int o = 0;
+	for (int i = 0; i < 16; i++) {
+		if (i == 4 || i == 6 || i == 8 || i == 10)
+			out[o++] = '-';
+		out[o++] = hex[b[i] >> 4];
+		out[o++] = hex[b[i] & 15];
+	}
+	out[o] = '\0';
+}
+
+/* The body up to the event's own fields: the common head, the clock and the task's uuid. */
+static struct sbuf *
+events_begin(struct worker *w, const struct job *j)
+{
+	struct task_events *e = &w->events;
+	struct sbuf *b = &e->body;
+	sbuf_reset(b);
+	sbuf_add(b, e->head.p, e->head.len);
+	char num[32];
+	snprintf(num, sizeof num, "%lu", ++e->clock);
+	sbuf_adds(b, num);
+	sbuf_adds(b, ", \"uuid\": ");
+	const char *id = j->m.task_id ? j->m.task_id : "";
+	sbuf_add_json_string(b, id, strlen(id));
+	return b;
+}
+
+static void
+events_str(struct sbuf *b, const char *key, const char *s, size_t n)
+{
+	sbuf_adds(b, ", \"");
+	sbuf_adds(b, key);
+	sbuf_adds(b, "\": ");
+	if (s == NULL) {
+		sbuf_adds(b, "null");
+		return;
+	}
+	if (n > EVENT_TEXT_MAX) {
+		/* cut on a UTF-8 boundary, marked as saferepr marks it */
+		n = EVENT_TEXT_MAX;
+		while (n > 0 && ((unsigned char)s[n] & 0xc0) == 0x80)
+			n--;
+		sbuf_add_json_string(b, s, n);
+		b->len--; /* the literal's closing quote: the ellipsis goes inside */
+		sbuf_adds(b, "...\"");
+		return;
+	}
+	sbuf_add_json_string(b, s, n);
+}
+
+static void
+events_raw(struct sbuf *b, const char *key, const char *json)
+{
+	sbuf_adds(b, ", \"");
+	sbuf_adds(b, key);
+	sbuf_adds(b, "\": ");
+	sbuf_adds(b, json);
+}
+
+static void
+events_ignore(struct rpipe *p, redisReply *r, void *arg)
+{
+}
+
+#define EVENT_BATCH_MAX 49152 /* bytes of events in one PUBLISH (base64 grows it by a third) */
+
+/* Close the body with timestamp and type and add it to the tick's batch. */
+static void
+events_send(struct worker *w, const char *type)
+{
+	struct task_events *e = &w->events;
+	struct sbuf *b = &e->body;
+	char num[64];
+	snprintf(num, sizeof num, ", \"timestamp\": %.6f, \"type\": \"", now_wall());
+	sbuf_adds(b, num);
+	sbuf_adds(b, type);
+	sbuf_adds(b, "\"}");
+	if (e->nbatch > 0 && e->batch.len + b->len > EVENT_BATCH_MAX)
+		events_flush(w);
+	if (e->nbatch++ > 0)
+		sbuf_add(&e->batch, ", ", 2);
+	sbuf_add(&e->batch, b->p, b->len);
+	e->batch_type = type;
+	engine_tick(w);
+}
+
+/*
+ * The tick's events in one PUBLISH: one event as itself, several as Celery's own batch (a JSON list of events,
+ * routing key "task.multi", what its dispatcher's buffer groups send and every receiver since Celery 4 reads),
+ * so a drain's three events per task cost one command per tick, not three per task.
+ */
+void
+events_flush(struct worker *w)
+{
+	struct task_events *e = &w->events;
+	if (e->nbatch == 0)
+		return;
+	char rk[32] = "task.multi";
+	struct sbuf *b = &e->body;
+	sbuf_reset(b);
+	if (e->nbatch == 1) {
+		/* the routing key: the type with '-' as '.' (celery/events/event.py) */
+		size_t n = 0;
+		for (; e->batch_type[n] != '\0' && n + 1 < sizeof rk; n++)
+			rk[n] = e->batch_type[n] == '-' ? '.' : e->batch_type[n];
+		rk[n] = '\0';
+		sbuf_add(b, e->batch.p, e->batch.len);
+	} else {
+		sbuf_add(b, "[", 1);
+		sbuf_add(b, e->batch.p, e->batch.len);
+		sbuf_add(b, "]", 1);
+	}
+	sbuf_reset(&e->batch);
+	e->nbatch = 0;
+	char *b64 = message_b64_encode((const unsigned char *)b->p, b->len);
+	struct sbuf *v = &e->env;
+	sbuf_reset(v);
+	sbuf_adds(v, "{\"body\": \"");
+	sbuf_adds(v, b64);
+	free(b64);
+	sbuf_add(v, e->mid.p, e->mid.len);
+	sbuf_adds(v, rk);
+	char tag[37];
+	events_tag(e, tag);
+	sbuf_adds(v, "\"}, \"priority\": 0, \"body_encoding\": \"base64\", \"delivery_tag\": \"");
+	sbuf_adds(v, tag);
+	sbuf_adds(v, "\"}}");
+	struct sbuf *c = &e->chan;
+	sbuf_reset(c);
+	sbuf_adds(c, "/");
+	sbuf_adds(c, w->db_str[0]);
+	sbuf_adds(c, ".celeryev/");
+	sbuf_adds(c, rk);
+	const char *argv[] = {"PUBLISH", c->p, v->p};
+	size_t lens[] = {7, c->len, v->len};
+	/* fire and forget, as kombu's fanout is: events lost with the connection are not sent again */
+	rpipe_send(&w->broker, events_ignore, NULL, 3, argv, lens);
+}
+
+static void
+events_iso(struct sbuf *b, const char *key, double t)
+{
+	if (t <= 0) {
+		events_raw(b, key, "null");
+		return;
+	}
+	char iso[64];
+	message_format_iso(t, true, iso, sizeof iso);
+	events_str(b, key, iso, strlen(iso));
+}
+
+void
+events_received(struct worker *w, const struct job *j)
+{
+	const struct message *m = &j->m;
+	struct sbuf *b = events_begin(w, j);
+	events_str(b, "name", m->task_name, m->task_name ? strlen(m->task_name) : 0);
+	events_str(b, "args", m->args_json ? m->args_json : "[]", m->args_json ? m->args_len : 2);
+	events_str(b, "kwargs", m->kwargs_json ? m->kwargs_json : "{}", m->kwargs_json ? m->kwargs_len : 2);
+	const char *root = m->parent_id ? NULL : m->task_id; /* a task with no parent is its own root */
+	events_str(b, "root_id", root, root ? strlen(root) : 0);
+	events_str(b, "parent_id", m->parent_id, m->parent_id ? strlen(m->parent_id) : 0);
+	char num[32];
+	snprintf(num, sizeof num, "%d", m->retries);
+	events_raw(b, "retries", num);
+	events_iso(b, "eta", m->eta);
+	events_iso(b, "expires", m->expires);
+	events_send(w, "task-received");
+}
+
+void
+events_started(struct worker *w, const struct job *j)
+{
+	events_begin(w, j);
+	events_send(w, "task-started");
+}
+
+void
+events_succeeded(struct worker *w, const struct job *j, double runtime, const char *result, size_t len)
+{
+	struct sbuf *b = events_begin(w, j);
+	/* Python sends repr(result): its scalars spelt as Python spells them */
+	if (result == NULL || (len == 4 && memcmp(result, "null", 4) == 0))
+		result = "None", len = 4;
+	else if (len == 4 && memcmp(result, "true", 4) == 0)
+		result = "True";
+	else if (len == 5 && memcmp(result, "false", 5) == 0)
+		result = "False";
+	events_str(b, "result", result, len);
+	char num[32];
+	snprintf(num, sizeof num, "%.9f", runtime);
+	events_raw(b, "runtime", num);
+	events_send(w, "task-succeeded");
+}
+
+void
+events_failed(struct worker *w, const struct job *j, const char *type, const char *msg, bool retried)
+{
+	struct sbuf *b = events_begin(w, j);
+	/* safe_repr(exc): Type('message'), the message quoted as Python's repr quotes it */
+	struct sbuf *s = &w->scratch;
+	sbuf_reset(s);
+	sbuf_adds(s, type);
+	sbuf_adds(s, "('");
+	for (const char *p = msg; p && *p; p++) {
+		if (*p == '\\' || *p == '\'')
+			sbuf_add(s, "\\", 1);
+		sbuf_add(s, p, 1);
+	}
+	sbuf_adds(s, "')");
+	events_str(b, "exception", s->p, s->len);
+	sbuf_reset(s);
+	sbuf_adds(s, type);
+	sbuf_adds(s, ": ");
+	sbuf_adds(s, msg ? msg : "");
+	events_str(b, "traceback", s->p, s->len);
+	events_send(w, retried ? "task-retried" : "task-failed");
+}
+
+void
+events_revoked(struct worker *w, const struct job *j, bool terminated, const char *signal, bool expired)
+{
+	struct sbuf *b = events_begin(w, j);
+	events_raw(b, "terminated", terminated ? "true" : "false");
+	if (terminated)
+		/* Celery sends the signal's number */
+		events_raw(b, "signum",
+		           signal && (strstr(signal, "KILL") != NULL || strcmp(signal, "9") == 0) ? "9" : "15");
+	else
+		events_raw(b, "signum", "null");
+	events_raw(b, "expired", expired ? "true" : "false");
+	events_send(w, "task-revoked");
+}
+
+void
+events_rejected(struct worker *w, const struct job *j)
+{
+	struct sbuf *b = events_begin(w, j);
+	events_raw(b, "requeue", "false");
+	events_send(w, "task-rejected");
+}
