@@ -2,6 +2,10 @@
  * Recovery of messages nobody will finish: the processing lists of dead spark-worker processes, and kombu's
  * unacked entries older than the visibility timeout (a dead Python consumer's, restored as kombu's
  * restore_by_tag does). Rare work: each message costs a few round trips, taken one message at a time.
+ *
+ * Also the dead letters decided without a job: a message too large to decode (from the fetch or from a list), and
+ * a poison message, one whose holders died SPARK_POISON_DELIVERIES times in a row (counted here, in Redis, each
+ * time a dead process's list is recovered).
  */
 #include <errno.h>
 #include <inttypes.h>

@@ -480,6 +480,7 @@ void sweep_reconcile(struct worker *w, void (*done)(struct worker *w, bool ok));
 
 /* sweep-recover.c, sweep-unacked.c */
 struct dead_scan;
+/* Put back a message of this live process's own list (reconcile): not a death, so not counted as a delivery. */
 int sweep_requeue_raw(struct chain *c, const char *list, bool landing, const char *raw, size_t len);
 /* A message larger than SPARK_MAX_MESSAGE_BYTES, in list (taken from qkey, or NULL), to the dead letters without
  * sending it back to Redis, with a FAILURE meta when it names a task; part of chain c when not NULL. */
