@@ -29,6 +29,7 @@ enum vtype {
 	V_QUEUES,
 	V_JSONONLY,
 	V_PATH,
+	V_BYTES,
 };
 
 struct vdef {
@@ -77,6 +78,9 @@ static const struct vdef vdefs[] = {
     {"SPARK_HEARTBEAT_INTERVAL", NULL, "5", V_DOUBLE, 0.1, 3600, OFF(heartbeat_interval)},
     {"SPARK_DB_POOL_SIZE", NULL, "4", V_INT, 1, 64, OFF(db_pool_size)},
     {"CELERY_WORKER_SEND_TASK_EVENTS", NULL, "False", V_BOOL, 0, 0, OFF(send_task_events)},
+    {"SPARK_MAX_MESSAGE_BYTES", NULL, "16MiB", V_BYTES, 1024, 512.0 * 1024 * 1024, OFF(max_message_bytes)},
+    {"SPARK_DEADLETTER_MAX", NULL, "10000", V_LONG, 1, 10000000, OFF(deadletter_max)},
+    {"SPARK_POISON_DELIVERIES", NULL, "3", V_INT, 1, 100, OFF(poison_deliveries)},
 };
 #define NVDEFS (sizeof vdefs / sizeof vdefs[0])
 
@@ -131,6 +135,30 @@ parse_memory_kib(const char *s)
 	if (kib > 1e15)
 		return -1;
 	return (long)kib;
+}
+
+/* A size in bytes: a bare number (or one ending in b) is bytes, the variable's unit; with k/M/G it is read as
+ * parse_memory_kib reads it. -1 on error. */
+static long
+parse_bytes(const char *s)
+{
+	if (s == NULL || !isdigit((unsigned char)*s))
+		return -1;
+	size_t digits = strspn(s, "0123456789");
+	const char *unit = s + digits + strspn(s + digits, " ");
+	if (*unit == '\0' || !strcasecmp(unit, "b")) {
+		errno = 0;
+		long n = strtol(s, NULL, 10);
+		return errno == 0 ? n : -1;
+	}
+	if (*unit == '.') { /* a fraction of a byte means nothing; "1.5M" is fine */
+		unit += 1 + strspn(unit + 1, "0123456789");
+		unit += strspn(unit, " ");
+		if (*unit == '\0' || !strcasecmp(unit, "b"))
+			return -1;
+	}
+	long kib = parse_memory_kib(s);
+	return kib < 0 || kib > LONG_MAX / 1024 ? -1 : kib * 1024;
 }
 
 /* ---- env file ---- */
@@ -435,6 +463,17 @@ convert(struct spark_config *cfg, const struct vdef *d, const struct resolved *r
 		*(long *)field = kib;
 		return 0;
 	}
+	case V_BYTES: {
+		long n = parse_bytes(v);
+		if (n < (long)d->min || n > (long)d->max) {
+			snprintf(acc, sizeof acc, "expected a size from %.0f bytes to %.0f MiB, such as 16MiB or 65536",
+			         d->min, d->max / (1024 * 1024));
+			bad(err, errlen, d, r, acc);
+			return -1;
+		}
+		*(long *)field = n;
+		return 0;
+	}
 	case V_POOL:
 		if (!strcmp(v, "prefork"))
 			cfg->pool = SPARK_POOL_PREFORK;
@@ -713,6 +752,9 @@ config_export(const struct spark_config *cfg)
 	setenv_num("SPARK_START_TIMEOUT", cfg->start_timeout);
 	setenv_num("SPARK_HEARTBEAT_INTERVAL", cfg->heartbeat_interval);
 	setenv_num("SPARK_DB_POOL_SIZE", cfg->db_pool_size);
+	setenv_num("SPARK_MAX_MESSAGE_BYTES", (double)cfg->max_message_bytes);
+	setenv_num("SPARK_DEADLETTER_MAX", (double)cfg->deadletter_max);
+	setenv_num("SPARK_POISON_DELIVERIES", cfg->poison_deliveries);
 	/* children read exactly this environment, never an env file of their own */
 	setenv("SPARK_ENV_FILE", "", 1);
 }

@@ -58,6 +58,9 @@ struct spark_config {
 	double heartbeat_interval; /* SPARK_HEARTBEAT_INTERVAL: workers table heartbeat, seconds */
 	int db_pool_size;          /* SPARK_DB_POOL_SIZE: PostgreSQL connections per worker process */
 	bool send_task_events;     /* CELERY_WORKER_SEND_TASK_EVENTS, --events/-E: task-* events on celeryev */
+	long max_message_bytes;    /* SPARK_MAX_MESSAGE_BYTES: larger messages are dead-lettered undecoded */
+	long deadletter_max;       /* SPARK_DEADLETTER_MAX: entries kept in spark:deadletter */
+	int poison_deliveries;     /* SPARK_POISON_DELIVERIES: deaths in a row that make a message poison */
 
 	char *env_file; /* the env file that was read, or NULL */
 	bool concurrency_forced;

@@ -107,7 +107,10 @@ fetch_lmove_cb(struct rpipe *p, redisReply *r, void *arg)
 			w->batch_probe = w->batch_dry = false;
 		return;
 	}
-	if (r->type == REDIS_REPLY_STRING)
+	if (r->type == REDIS_REPLY_STRING && r->len > (size_t)w->cfg->max_message_bytes)
+		/* never copied nor decoded: only its head and size go back, to find it in the processing list */
+		sweep_deadletter_oversized(w, NULL, w->proc_key, false, qkey, r->str, r->len);
+	else if (r->type == REDIS_REPLY_STRING)
 		job_new(w, qkey, r->str, r->len, "", true);
 	else if (r->type == REDIS_REPLY_NIL)
 		w->batch_dry = true;

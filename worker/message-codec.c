@@ -1,6 +1,7 @@
 /*
  * The small encodings Celery messages use: kombu's queue key names and priority steps, UUIDs, ISO 8601 times as
- * Celery writes them, and standard base64 for body_encoding "base64".
+ * Celery writes them, standard base64 for body_encoding "base64", and the records a message is wrapped in
+ * (spark:deadletter entries, spark:eta members).
  */
 #include <ctype.h>
 #include <math.h>
@@ -11,6 +12,7 @@
 #include <sys/random.h>
 #include <time.h>
 
+#include "log.h"
 #include "util.h"
 #include "worker.h"
 
@@ -218,5 +220,67 @@ message_b64_encode(const unsigned char *p, size_t len)
 		*o++ = n > 2 ? b64_alphabet[v & 63] : '=';
 	}
 	*o = '\0';
+	return out;
+}
+
+/* The longest prefix of raw[0..n) that jansson takes as a string (a cut may split a UTF-8 sequence: up to 3
+ * bytes back), or NULL when there is none (not UTF-8). */
+static json_t *
+deadletter_text(const char *raw, size_t n, bool cut)
+{
+	json_t *msg = json_stringn(raw, n);
+	for (size_t back = 1; msg == NULL && cut && back <= 3 && back < n; back++)
+		msg = json_stringn(raw, n - back);
+	return msg;
+}
+
+char *
+message_deadletter_entry(const char *reason, const char *queue, double at, const char *raw, size_t len)
+{
+	json_t *e = json_object();
+	json_object_set_new(e, "reason", json_string(reason));
+	json_object_set_new(e, "queue", queue ? json_string(queue) : json_null());
+	json_object_set_new(e, "at", json_real(at));
+	/* the list is bounded in entries (SPARK_DEADLETTER_MAX), each entry in bytes: a 50 MB message keeps its head */
+	bool cut = len > DEADLETTER_MESSAGE_MAX;
+	size_t n = cut ? DEADLETTER_MESSAGE_MAX : len;
+	if (cut) {
+		json_object_set_new(e, "truncated", json_true());
+		json_object_set_new(e, "message_bytes", json_integer((json_int_t)len));
+	}
+	json_t *msg = deadletter_text(raw, n, cut);
+	if (msg == NULL) {
+		/* not UTF-8: keep the exact bytes in base64, and a readable approximation */
+		char *b64 = message_b64_encode((const unsigned char *)raw, n);
+		json_object_set_new(e, "message_base64", json_string(b64));
+		free(b64);
+		char *ascii = xmalloc(n + 1);
+		for (size_t i = 0; i < n; i++)
+			ascii[i] = (raw[i] > 0 && (unsigned char)raw[i] < 0x80) ? raw[i] : '?';
+		ascii[n] = '\0';
+		msg = json_string(ascii);
+		free(ascii);
+	}
+	json_object_set_new(e, "message", msg);
+	char *out = json_dumps(e, JSON_COMPACT);
+	json_decref(e);
+	if (out == NULL)
+		fatalx("cannot encode a dead-letter entry");
+	return out;
+}
+
+char *
+message_eta_member(const char *qkey, const char *raw, size_t len)
+{
+	json_t *e = json_object();
+	json_object_set_new(e, "queue", json_string(qkey));
+	json_t *env = json_stringn(raw, len);
+	if (env == NULL) {
+		json_decref(e);
+		return NULL;
+	}
+	json_object_set_new(e, "envelope", env);
+	char *out = json_dumps(e, JSON_COMPACT);
+	json_decref(e);
 	return out;
 }

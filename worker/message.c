@@ -1,6 +1,7 @@
 /*
- * Celery task messages (protocol v2, and v1 as sent with task_protocol=1): the envelope scan, retry envelopes,
- * the records built around a message. Key names, times and base64 are message-codec.c's.
+ * Celery task messages (protocol v2, and v1 as sent with task_protocol=1): the envelope scan, the peek the sweeps
+ * use, retry and redelivered envelopes. Key names, times, base64 and the dead-letter and ETA records are
+ * message-codec.c's.
  *
  * The hot path builds no DOM: jscan (jsmn, checked strictly) tokenizes the envelope and the body, the fields are
  * read from the tokens, and the strings a worker keeps are copied (unescaped) into one allocation per message.
@@ -22,6 +23,12 @@
 #include "worker.h"
 
 /* ---- the decoder ---- */
+
+/* The longest time limit a message may ask for: anything longer is a producer's mistake (or an overflow of the
+ * timer), refused like any other malformed field. */
+#define MESSAGE_MAX_LIMIT_S 1e7
+/* Epoch seconds of 9999-12-31T23:59:59Z: the latest time ISO 8601 can write, and far past any real ETA. */
+#define MESSAGE_MAX_TIME 253402300799.0
 
 struct decode {
 	struct message *m;
@@ -95,23 +102,60 @@ decode_time(struct decode *d, const struct jscan *s, int i, double *out)
 		return message_parse_iso(decode_str(d, s, i), out);
 	if (jscan_number(s, i)) {
 		*out = jscan_double(s, i);
-		return 0;
+		return *out >= 0 && *out <= MESSAGE_MAX_TIME ? 0 : -1;
 	}
 	return -1;
 }
 
-/* timelimit [hard, soft]: numbers >= 0 count, null or anything else leaves the limit unset */
-static void
+/* A whole number in [lo, hi]: 1 = read into *v; 0 = absent or null; -1 = anything else. An integral real (3.0)
+ * counts as its value, as Python's int() of it does in Celery and kombu. */
+static int
+decode_whole(const struct jscan *s, int i, long long lo, long long hi, long long *v)
+{
+	if (i < 0 || jscan_null(s, i))
+		return 0;
+	long long n;
+	if (!jscan_integer(s, i, &n)) {
+		if (!jscan_number(s, i))
+			return -1;
+		double x = jscan_double(s, i);
+		if (x != floor(x) || x < (double)lo || x > (double)hi)
+			return -1;
+		n = (long long)x;
+	}
+	if (n < lo || n > hi)
+		return -1;
+	*v = n;
+	return 1;
+}
+
+/* One limit of timelimit: null (unset) or seconds from 0 to MESSAGE_MAX_LIMIT_S. */
+static int
+decode_limit(const struct jscan *s, int i, double *out)
+{
+	if (jscan_null(s, i))
+		return 0;
+	if (!jscan_number(s, i))
+		return -1;
+	double x = jscan_double(s, i);
+	if (!(x >= 0 && x <= MESSAGE_MAX_LIMIT_S))
+		return -1;
+	*out = x;
+	return 0;
+}
+
+/* timelimit: absent, null, or Celery's [hard, soft], each null or seconds */
+static int
 decode_timelimit(const struct jscan *s, int tl, struct message *m)
 {
-	if (!jscan_is(s, tl, JSMN_ARRAY))
-		return;
-	int hard = s->tok[tl].size > 0 ? tl + 1 : -1;
-	int soft = s->tok[tl].size > 1 ? jscan_after(s, tl + 1) : -1;
-	if (jscan_number(s, hard) && jscan_double(s, hard) >= 0)
-		m->hard_limit = jscan_double(s, hard);
-	if (jscan_number(s, soft) && jscan_double(s, soft) >= 0)
-		m->soft_limit = jscan_double(s, soft);
+	if (tl < 0 || jscan_null(s, tl))
+		return 0;
+	if (!jscan_is(s, tl, JSMN_ARRAY) || s->tok[tl].size != 2)
+		return -1;
+	int soft = jscan_after(s, tl + 1);
+	if (decode_limit(s, tl + 1, &m->hard_limit) < 0 || decode_limit(s, soft, &m->soft_limit) < 0)
+		return -1;
+	return 0;
 }
 
 enum { T_PROPS, T_HEADERS, T_BODY, T_CTYPE, T_CENC, T_N };
@@ -220,9 +264,6 @@ decode_envelope(struct decode *d, const char *raw, size_t len)
 	m->delivery_tag = decode_str_or_empty(d, e, pw[P_TAG]);
 	m->exchange = decode_str_or_empty(d, e, iw[I_EXCHANGE]);
 	m->routing_key = decode_str_or_empty(d, e, iw[I_ROUTING]);
-	long long v;
-	if (jscan_integer(e, pw[P_PRIORITY], &v))
-		m->priority = (int)v;
 	m->redelivered = jscan_true(e, iw[I_REDELIVERED]) || jscan_true(e, hw[H_REDELIVERED]);
 	m->task_id = decode_str(d, e, hw[H_ID]);
 	m->task_name = decode_str(d, e, hw[H_TASK]);
@@ -250,8 +291,8 @@ decode_envelope(struct decode *d, const char *raw, size_t len)
 
 	int bw[B_N];
 	jscan_pick(b, m->task_name == NULL ? 0 : -1, v1_names, bw, B_N);
-	const struct jscan *f; /* where retries, eta and expires are */
-	int args, kwargs, retries, eta, expires;
+	const struct jscan *f; /* where retries, eta, expires and timelimit are */
+	int args, kwargs, retries, eta, expires, timelimit;
 	if (m->task_name == NULL && jscan_is(b, bw[B_TASK], JSMN_STRING)) {
 		m->v1 = true;
 		m->task_name = decode_str(d, b, bw[B_TASK]);
@@ -264,7 +305,7 @@ decode_envelope(struct decode *d, const char *raw, size_t len)
 		retries = bw[B_RETRIES];
 		eta = bw[B_ETA];
 		expires = bw[B_EXPIRES];
-		decode_timelimit(b, bw[B_TIMELIMIT], m);
+		timelimit = bw[B_TIMELIMIT];
 	} else {
 		if (m->task_name == NULL)
 			return bad(m, "ValueError", "message has no task header");
@@ -276,7 +317,7 @@ decode_envelope(struct decode *d, const char *raw, size_t len)
 		retries = hw[H_RETRIES];
 		eta = hw[H_ETA];
 		expires = hw[H_EXPIRES];
-		decode_timelimit(e, hw[H_TIMELIMIT], m);
+		timelimit = hw[H_TIMELIMIT];
 		m->ignore_result = jscan_true(e, hw[H_IGNORE]);
 	}
 	if (m->task_id == NULL)
@@ -299,12 +340,24 @@ decode_envelope(struct decode *d, const char *raw, size_t len)
 	} else {
 		m->kwargs_json = jscan_span(b, kwargs, &m->kwargs_len);
 	}
-	if (jscan_integer(f, retries, &v) && v > 0 && v < 1000000)
+	/* the fields a producer fills with numbers: a wrong type or range is refused, never read as a default */
+	long long v;
+	int got = decode_whole(f, retries, 0, MESSAGE_MAX_RETRIES, &v);
+	if (got < 0)
+		return bad(m, "ValueError", "retries is not a whole number from 0 to %d", MESSAGE_MAX_RETRIES);
+	if (got > 0)
 		m->retries = (int)v;
+	if ((got = decode_whole(e, pw[P_PRIORITY], 0, 255, &v)) < 0)
+		return bad(m, "ValueError", "priority is not a whole number from 0 to 255");
+	if (got > 0)
+		m->priority = (int)v;
+	if (decode_timelimit(f, timelimit, m) < 0)
+		return bad(m, "ValueError", "timelimit is not [hard, soft] with each null or seconds from 0 to %.0f",
+		           MESSAGE_MAX_LIMIT_S);
 	if (decode_time(d, f, eta, &m->eta) < 0)
-		return bad(m, "ValueError", "eta is not an ISO 8601 time");
+		return bad(m, "ValueError", "eta is not an ISO 8601 time (nor epoch seconds up to year 9999)");
 	if (decode_time(d, f, expires, &m->expires) < 0)
-		return bad(m, "ValueError", "expires is not an ISO 8601 time");
+		return bad(m, "ValueError", "expires is not an ISO 8601 time (nor epoch seconds up to year 9999)");
 	return 0;
 }
 
@@ -351,6 +404,62 @@ message_dom(struct message *m, const char *raw, size_t len)
 	if (m->headers == NULL)
 		return bad(m, "ValueError", "message headers are not a JSON object");
 	return 0;
+}
+
+/* A string token's value as a new C string, or NULL. */
+static char *
+peek_str(const struct jscan *s, int i)
+{
+	if (!jscan_is(s, i, JSMN_STRING))
+		return NULL;
+	size_t n = (size_t)(s->tok[i].end - s->tok[i].start);
+	char *out = xmalloc(n + 1);
+	n = jscan_unescape(s->js + s->tok[i].start, n, out);
+	out[n] = '\0';
+	return out;
+}
+
+int
+message_peek(const char *raw, size_t len, struct message_peek *pk)
+{
+	memset(pk, 0, sizeof *pk);
+	static const char *const top_n[] = {"properties", "headers"};
+	static const char *const props_n[] = {"delivery_tag", "delivery_info", "priority", "correlation_id"};
+	static const char *const info_n[] = {"routing_key"};
+	static const char *const headers_n[] = {"id", "ignore_result"};
+	struct jscan s;
+	jsmntok_t tok[JSCAN_STACK_TOKENS];
+	s.heap = NULL;
+	/* the body is one string token: the scan of a large message costs its bytes, not a copy of them */
+	if (jscan_run(&s, raw, len, tok, JSCAN_STACK_TOKENS) < 0 || !jscan_is(&s, 0, JSMN_OBJECT)) {
+		jscan_free(&s);
+		return -1;
+	}
+	int top[2], pw[4], iw[1], hw[2];
+	jscan_pick(&s, 0, top_n, top, 2);
+	jscan_pick(&s, top[0], props_n, pw, 4);
+	jscan_pick(&s, pw[1], info_n, iw, 1);
+	jscan_pick(&s, top[1], headers_n, hw, 2);
+	pk->tag = peek_str(&s, pw[0]);
+	pk->routing_key = peek_str(&s, iw[0]);
+	pk->id = peek_str(&s, hw[0]);
+	if (pk->id == NULL)
+		pk->id = peek_str(&s, pw[3]);
+	long long v;
+	if (decode_whole(&s, pw[2], 0, 255, &v) > 0)
+		pk->priority = (int)v;
+	pk->ignore_result = jscan_true(&s, hw[1]);
+	jscan_free(&s);
+	return 0;
+}
+
+void
+message_peek_free(struct message_peek *pk)
+{
+	free(pk->id);
+	free(pk->tag);
+	free(pk->routing_key);
+	memset(pk, 0, sizeof *pk);
 }
 
 void
@@ -437,50 +546,6 @@ message_mark_redelivered(const char *raw, size_t len)
 		json_object_set_new(di, "redelivered", json_true());
 	char *out = json_dumps(env, JSON_COMPACT);
 	json_decref(env);
-	return out;
-}
-
-char *
-message_deadletter_entry(const char *reason, const char *queue, double at, const char *raw, size_t len)
-{
-	json_t *e = json_object();
-	json_object_set_new(e, "reason", json_string(reason));
-	json_object_set_new(e, "queue", queue ? json_string(queue) : json_null());
-	json_object_set_new(e, "at", json_real(at));
-	json_t *msg = json_stringn(raw, len);
-	if (msg == NULL) {
-		/* not UTF-8: keep the exact bytes in base64, and a readable approximation */
-		char *b64 = message_b64_encode((const unsigned char *)raw, len);
-		json_object_set_new(e, "message_base64", json_string(b64));
-		free(b64);
-		char *ascii = xmalloc(len + 1);
-		for (size_t i = 0; i < len; i++)
-			ascii[i] = (raw[i] > 0 && (unsigned char)raw[i] < 0x80) ? raw[i] : '?';
-		ascii[len] = '\0';
-		msg = json_string(ascii);
-		free(ascii);
-	}
-	json_object_set_new(e, "message", msg);
-	char *out = json_dumps(e, JSON_COMPACT);
-	json_decref(e);
-	if (out == NULL)
-		fatalx("cannot encode a dead-letter entry");
-	return out;
-}
-
-char *
-message_eta_member(const char *qkey, const char *raw, size_t len)
-{
-	json_t *e = json_object();
-	json_object_set_new(e, "queue", json_string(qkey));
-	json_t *env = json_stringn(raw, len);
-	if (env == NULL) {
-		json_decref(e);
-		return NULL;
-	}
-	json_object_set_new(e, "envelope", env);
-	char *out = json_dumps(e, JSON_COMPACT);
-	json_decref(e);
 	return out;
 }
 

@@ -283,11 +283,13 @@ out_script_move(struct job *j)
 		char *queue = message_queue_of_key(j->qkey);
 		char *entry = message_deadletter_entry(j->out_reason, queue, now_wall(), j->raw, j->len);
 		free(queue);
-		const char *argv[] = {w->proc_key, KEY_UNACKED, KEY_UNACKED_INDEX, KEY_DEADLETTER, j->raw,
-		                      j->tag,      entry};
+		char cap[32];
+		snprintf(cap, sizeof cap, "%ld", w->cfg->deadletter_max);
+		const char *argv[] = {w->proc_key, KEY_UNACKED, KEY_UNACKED_INDEX, KEY_DEADLETTER, j->raw, j->tag,
+		                      entry,       cap};
 		size_t lens[] = {strlen(argv[0]), strlen(argv[1]), strlen(argv[2]), strlen(argv[3]),
-		                 j->len,          strlen(j->tag),  strlen(entry)};
-		out_eval(j, &w->broker, SCRIPT_DEADLETTER, 4, 3, argv, lens);
+		                 j->len,          strlen(j->tag),  strlen(entry),   strlen(cap)};
+		out_eval(j, &w->broker, SCRIPT_DEADLETTER, 4, 4, argv, lens);
 		free(entry);
 	}
 }

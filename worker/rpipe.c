@@ -335,10 +335,10 @@ rpipe_connect_cb(const redisAsyncContext *ac, int status)
 		redisEnableKeepAlive((redisContext *)&ac->c);
 	const char **a;
 	static const char *const scripts_step[SCRIPT_COUNT] = {
-	    "SCRIPT LOAD 0", "SCRIPT LOAD 1", "SCRIPT LOAD 2", "SCRIPT LOAD 3", "SCRIPT LOAD 4",
-	    "SCRIPT LOAD 5", "SCRIPT LOAD 6", "SCRIPT LOAD 7", "SCRIPT LOAD 8", "SCRIPT LOAD 9",
+	    "SCRIPT LOAD 0", "SCRIPT LOAD 1", "SCRIPT LOAD 2", "SCRIPT LOAD 3", "SCRIPT LOAD 4",  "SCRIPT LOAD 5",
+	    "SCRIPT LOAD 6", "SCRIPT LOAD 7", "SCRIPT LOAD 8", "SCRIPT LOAD 9", "SCRIPT LOAD 10", "SCRIPT LOAD 11",
 	};
-	_Static_assert(SCRIPT_COUNT == 10, "one setup step name per script");
+	_Static_assert(SCRIPT_COUNT == 12, "one setup step name per script");
 	if (p->url->password != NULL) {
 		const char *auth[] = {"AUTH", p->url->user ? p->url->user : p->url->password, p->url->password};
 		a = auth;

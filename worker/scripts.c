@@ -68,6 +68,28 @@
 	"  return 1\n"                                                                                                 \
 	"end\n"
 
+/* Every push to spark:deadletter trims it in the same script: the list never holds more than the cap
+ * (SPARK_DEADLETTER_MAX; 10,000 when a caller of an older build passes none), the oldest entries go. */
+#define LUA_DEADLETTER_PUSH(key, entry, cap)                                                                           \
+	"redis.call('LPUSH', " key ", " entry ")\n"                                                                    \
+	"redis.call('LTRIM', " key ", 0, (tonumber(" cap ") or 10000) - 1)\n"
+
+/* A message that leaves a processing list leaves kombu's unacked records too (tag '' = none). */
+#define LUA_FORGET_TAG(tag)                                                                                            \
+	"if " tag " ~= '' then\n"                                                                                      \
+	"  redis.call('HDEL', KEYS[2], " tag ")\n"                                                                     \
+	"  redis.call('ZREM', KEYS[3], " tag ")\n"                                                                     \
+	"end\n"
+
+/* The FAILURE meta of a dead letter, in the same script when the result backend is the broker's server: ARGV
+ * meta ('' = none), ttl, backend db, broker db. */
+#define LUA_DEADLETTER_META(key, meta, ttl, bdb, qdb)                                                                  \
+	"if " meta " ~= '' then\n"                                                                                     \
+	"  redis.call('SELECT', " bdb ")\n"                                                                            \
+	"  store(" key ", " meta ", " ttl ")\n"                                                                        \
+	"  redis.call('SELECT', " qdb ")\n"                                                                            \
+	"end\n"
+
 const char *const script_src[SCRIPT_COUNT] = {
     /* FETCH: up to ARGV[2] messages, highest priority key first, each recorded as kombu's QoS.append does.
        KEYS: processing, unacked, unacked_index, queue keys in kombu's order. ARGV: now, max, queue names.
@@ -85,14 +107,12 @@ const char *const script_src[SCRIPT_COUNT] = {
                                    "end\n"
                                    "return out\n",
     /* DEADLETTER (sent again after a lost reply: only the first one counts). KEYS: processing, unacked, unacked_index,
-       deadletter. ARGV: message, tag, entry. */
+       deadletter. ARGV: message, tag, entry, cap. */
     [SCRIPT_DEADLETTER] = "if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end\n"
                           "if ARGV[2] ~= '' then\n"
                           "  redis.call('HDEL', KEYS[2], ARGV[2])\n"
                           "  redis.call('ZREM', KEYS[3], ARGV[2])\n"
-                          "end\n"
-                          "redis.call('LPUSH', KEYS[4], ARGV[3])\n"
-                          "return 1\n",
+                          "end\n" LUA_DEADLETTER_PUSH("KEYS[4]", "ARGV[3]", "ARGV[4]") "return 1\n",
     /* PARK (ETA, defer). KEYS: processing, unacked, unacked_index, spark:eta. ARGV: message, tag, score, member. */
     [SCRIPT_PARK] = "if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end\n"
                     "if ARGV[2] ~= '' then\n"
@@ -116,7 +136,7 @@ const char *const script_src[SCRIPT_COUNT] = {
                        "end\n"
                        "redis.call('RPUSH', KEYS[4], ARGV[2])\n"
                        "return 1\n",
-    /* DUE. KEYS: spark:eta, deadletter. ARGV: now, limit. */
+    /* DUE. KEYS: spark:eta, deadletter. ARGV: now, limit, dead-letter cap. */
     [SCRIPT_DUE] =
         "local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))\n"
         "for _, member in ipairs(due) do\n"
@@ -125,11 +145,14 @@ const char *const script_src[SCRIPT_COUNT] = {
         "  if ok and type(e) == 'table' and type(e.queue) == 'string' and type(e.envelope) == 'string' then\n"
         "    redis.call('RPUSH', e.queue, e.envelope)\n"
         "  else\n"
-        "    redis.call('LPUSH', KEYS[2], cjson.encode({reason = 'unreadable spark:eta entry', queue = cjson.null,\n"
-        "      at = tonumber(ARGV[1]), message = member}))\n"
-        "  end\n"
+        "    local e = {reason = 'unreadable spark:eta entry', queue = cjson.null, at = tonumber(ARGV[1])}\n"
+        "    if #member > 65536 then e.truncated = true e.message_bytes = #member member = string.sub(member, 1, "
+        "65536) "
         "end\n"
-        "return #due\n",
+        "    e.message = member\n"
+        "    " LUA_DEADLETTER_PUSH("KEYS[2]", "cjson.encode(e)", "ARGV[3]") "  end\n"
+                                                                            "end\n"
+                                                                            "return #due\n",
     /* SWEEP_ONE (kombu's restore_by_tag). KEYS: unacked, unacked_index, destination.
        ARGV: tag, value read before, new message, push ("1"/"0"). */
     [SCRIPT_SWEEP_ONE] = "local v = redis.call('HGET', KEYS[1], ARGV[1])\n"
@@ -164,4 +187,35 @@ const char *const script_src[SCRIPT_COUNT] = {
                                    "  redis.call('ZREM', KEYS[3], ARGV[2])\n"
                                    "end\n"
                                    "return 1\n",
+    /*
+     * OVERSIZE: a message too large to decode leaves a list for the dead letters without being sent back to Redis:
+     * it is the element of that size that starts with the given head. KEYS: list, unacked, unacked_index,
+     * deadletter, meta key. ARGV: size, head, tag, entry, cap, meta, ttl, backend db, broker db.
+     */
+    [SCRIPT_OVERSIZE] = LUA_STORE_FN "local size, head, found = tonumber(ARGV[1]), ARGV[2], nil\n"
+                                     "for _, m in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do\n"
+                                     "  if #m == size and string.sub(m, 1, #head) == head then found = m break end\n"
+                                     "end\n"
+                                     "if not found then return 0 end\n"
+                                     "redis.call('LREM', KEYS[1], 1, found)\n" LUA_FORGET_TAG("ARGV[3]")
+                                         LUA_DEADLETTER_META("KEYS[5]", "ARGV[6]", "ARGV[7]", "ARGV[8]", "ARGV[9]")
+                                             LUA_DEADLETTER_PUSH("KEYS[4]", "ARGV[4]", "ARGV[5]") "return 1\n",
+    /*
+     * RECOVER: a dead process's message. Its delivery count goes up; below the poison threshold it goes back to its
+     * queue (as REQUEUE does), at the threshold to the dead letters with its FAILURE meta (returns 2).
+     * KEYS: list, unacked, unacked_index, destination, deadletter, delivery count, meta key.
+     * ARGV: message, new message, tag, mode, threshold, entry, cap, meta, ttl, backend db, broker db, count ttl.
+     */
+    [SCRIPT_RECOVER] =
+        LUA_STORE_FN "if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end\n"
+                     "if ARGV[4] == 'list' then\n" LUA_FORGET_TAG(
+                         "ARGV[3]") "end\n"
+                                    "if redis.call('INCR', KEYS[6]) < tonumber(ARGV[5]) then\n"
+                                    "  redis.call('EXPIRE', KEYS[6], ARGV[12])\n"
+                                    "  redis.call('RPUSH', KEYS[4], ARGV[2])\n"
+                                    "  return 1\n"
+                                    "end\n"
+                                    "redis.call('DEL', KEYS[6])\n" LUA_DEADLETTER_META("KEYS[7]", "ARGV[8]", "ARGV[9]",
+                                                                                       "ARGV[10]", "ARGV[11]")
+                                        LUA_DEADLETTER_PUSH("KEYS[5]", "ARGV[6]", "ARGV[7]") "return 2\n",
 };

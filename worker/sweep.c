@@ -185,10 +185,11 @@ due_cb(struct rpipe *p, redisReply *r, void *arg)
 	if (!chain_reply(c, r))
 		return;
 	if (more && !c->failed) {
-		char now[64];
+		char now[64], cap[32];
 		snprintf(now, sizeof now, "%.6f", now_wall());
-		const char *argv[] = {KEY_ETA, KEY_DEADLETTER, now, "100"};
-		if (chain_eval(c, due_cb, SCRIPT_DUE, 2, 2, argv, NULL) == 0)
+		snprintf(cap, sizeof cap, "%ld", c->w->cfg->deadletter_max);
+		const char *argv[] = {KEY_ETA, KEY_DEADLETTER, now, "100", cap};
+		if (chain_eval(c, due_cb, SCRIPT_DUE, 2, 3, argv, NULL) == 0)
 			return;
 	}
 	chain_end(c);
@@ -220,10 +221,11 @@ sweep_tick(struct worker *w)
 	if (now >= w->next_due && !w->due_running) {
 		w->next_due = now + 0.2;
 		struct chain *c = chain_new(w, NULL, &w->due_running);
-		char t[64];
+		char t[64], cap[32];
 		snprintf(t, sizeof t, "%.6f", now_wall());
-		const char *argv[] = {KEY_ETA, KEY_DEADLETTER, t, "100"};
-		chain_eval(c, due_cb, SCRIPT_DUE, 2, 2, argv, NULL);
+		snprintf(cap, sizeof cap, "%ld", w->cfg->deadletter_max);
+		const char *argv[] = {KEY_ETA, KEY_DEADLETTER, t, "100", cap};
+		chain_eval(c, due_cb, SCRIPT_DUE, 2, 3, argv, NULL);
 		chain_end_if_idle(c);
 	}
 	if (now >= w->next_refresh && !w->refresh_running) {

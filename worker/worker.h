@@ -24,8 +24,9 @@
  *                                    LIST: unused by this engine; still recovered for processes of older builds
  *   spark:alive:<host>:<pid>         STRING with a TTL, refreshed while the process lives
  *   spark:eta                        ZSET: messages waiting for their ETA (score = epoch seconds)
- *   spark:deadletter                 LIST: bad messages with the reason
  *   spark:revoked                    ZSET: revoked task ids (score = expiry), written by sparkd (command.h)
+ *   spark:deadletter                 LIST: bad messages with the reason, newest first, SPARK_DEADLETTER_MAX entries
+ *   spark:deliveries:<delivery tag>  STRING with a TTL: deaths of the processes that held the message, in a row
  */
 #ifndef SPARK_WORKER_H
 #define SPARK_WORKER_H
@@ -56,6 +57,7 @@ struct redisAsyncContext;
 #define KEY_ALIVE_PREFIX      "spark:alive:"
 #define KEY_ETA               "spark:eta"
 #define KEY_DEADLETTER        "spark:deadletter"
+#define KEY_DELIVERIES_PREFIX "spark:deliveries:"
 #define KEY_INVALIDATE        "__redis__:invalidate"
 #define KOMBU_SEP             "\x06\x16"
 #define RESULT_KEY_PREFIX     "celery-task-meta-"
@@ -63,8 +65,13 @@ struct redisAsyncContext;
 #define ALIVE_TTL_S           30
 #define DEFER_DELAY_S         5.0
 /* the longest task id and name a message may carry (longer ones are dead-lettered with the reason) */
-#define MESSAGE_MAX_ID   16384
-#define MESSAGE_MAX_NAME 1024
+#define MESSAGE_MAX_ID      16384
+#define MESSAGE_MAX_NAME    1024
+#define MESSAGE_MAX_RETRIES 1000000
+/* a dead-letter entry keeps at most this much of its message ("truncated" and "message_bytes" say so) */
+#define DEADLETTER_MESSAGE_MAX 65536
+/* how long a delivery count waits for the message's next delivery */
+#define DELIVERIES_TTL_S 86400
 
 /* ---- sbuf (meta.c): a growable byte buffer, reused across tasks ---- */
 
@@ -137,6 +144,18 @@ int message_decode(const char *raw, size_t len, struct message *m);
 int message_dom(struct message *m, const char *raw, size_t len);
 void message_free(struct message *m);
 
+/* What the sweeps need of an envelope, read from its tokens only (the body is never decoded: cheap for a message
+ * too large to decode). Strings are copies (NULL when absent or not strings); free with message_peek_free. */
+struct message_peek {
+	char *id; /* headers.id, else properties.correlation_id */
+	char *tag, *routing_key;
+	int priority; /* 0 when absent or malformed */
+	bool ignore_result;
+};
+/* 0, or -1 when raw is not a JSON object (pk is then all empty). */
+int message_peek(const char *raw, size_t len, struct message_peek *pk);
+void message_peek_free(struct message_peek *pk);
+
 /* ISO 8601 as Celery writes it (fraction optional, Z, +HH:MM, or naive = UTC) -> epoch seconds. */
 int message_parse_iso(const char *s, double *out);
 /* aware: "2026-11-26T18:46:22.400551+00:00"; naive (Celery 5.2's date_done): "2026-11-26T18:46:05.338234" */
@@ -160,7 +179,8 @@ char *message_queue_of_key(const char *key);
 char *message_build_retry(const char *raw, size_t len, const struct message *m, int retries, double eta);
 /* The same envelope with kombu's redelivered flags set; NULL when raw is not a JSON object. */
 char *message_mark_redelivered(const char *raw, size_t len);
-/* The spark:deadletter entry: {"reason", "queue", "at", "message"} (plus "message_base64" for non-UTF-8). */
+/* The spark:deadletter entry: {"reason", "queue", "at", "message"} (plus "message_base64" for non-UTF-8); a message
+ * longer than DEADLETTER_MESSAGE_MAX keeps its head, with "truncated": true and "message_bytes". */
 char *message_deadletter_entry(const char *reason, const char *queue, double at, const char *raw, size_t len);
 /* The spark:eta member: {"queue": key, "envelope": raw}. */
 char *message_eta_member(const char *qkey, const char *raw, size_t len);
@@ -189,6 +209,9 @@ enum script_id {
 	SCRIPT_UNREGISTER,
 	SCRIPT_STORE,
 	SCRIPT_FINISH,
+	SCRIPT_OVERSIZE, /* a message too large to decode, from a list to the dead letters, found by its size and head
+	                  */
+	SCRIPT_RECOVER,  /* a dead process's message back to its queue, or to the dead letters as poison */
 	SCRIPT_COUNT,
 };
 extern const char *const script_src[SCRIPT_COUNT];
@@ -555,7 +578,12 @@ void query_free(struct worker *w);
 
 /* sweep-recover.c, sweep-unacked.c */
 struct dead_scan;
+/* Put back a message of this live process's own list (reconcile): not a death, so not counted as a delivery. */
 int sweep_requeue_raw(struct chain *c, const char *list, bool landing, const char *raw, size_t len);
+/* A message larger than SPARK_MAX_MESSAGE_BYTES, in list (taken from qkey, or NULL), to the dead letters without
+ * sending it back to Redis, with a FAILURE meta when it names a task; part of chain c when not NULL. */
+int sweep_deadletter_oversized(struct worker *w, struct chain *c, const char *list, bool landing, const char *qkey,
+                               const char *raw, size_t len);
 void sweep_recover_dead(struct worker *w, void (*done)(struct worker *w, bool ok));
 void sweep_recover_member(struct worker *w, struct dead_scan *d);
 void sweep_restore_unacked(struct worker *w, void (*done)(struct worker *w, bool ok));

@@ -92,8 +92,11 @@ def test_socket_activation_status_stop_and_socket_ownership(spark):
 
     def made():
         assert sd.proc.poll() is None, f"systemd-socket-activate exited: {sd.proc.returncode}\n{sd.tail()}"
-        return sock.exists() and stat.S_ISSOCK(os.stat(sock).st_mode)
-    wait_for(made, t(10), what="the socket systemd-socket-activate binds")
+        # the file appears at bind(), before listen(): a connect in between is refused. The tool logs
+        # "Listening on" after listen(), so that line is the condition.
+        listening = "Listening on" in open(sd.stderr_path, errors="replace").read()
+        return listening and sock.exists() and stat.S_ISSOCK(os.stat(sock).st_mode)
+    wait_for(made, t(10), what="the socket systemd-socket-activate listens on")
     before = os.stat(sock)
 
     # the first connection makes systemd-socket-activate exec sparkd, which serves it

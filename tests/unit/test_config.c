@@ -492,10 +492,57 @@ test_default_socket(void **state)
 	config_free(&c);
 }
 
+/* SPARK_MAX_MESSAGE_BYTES (bytes unless a unit says otherwise), SPARK_DEADLETTER_MAX, SPARK_POISON_DELIVERIES */
+static void
+test_poison_limits(void **state)
+{
+	(void)state;
+	struct spark_config c;
+	char err[512];
+	assert_int_equal(load(&c, NULL, 0, "", err), 0);
+	assert_int_equal(c.max_message_bytes, 16 * 1024 * 1024);
+	assert_int_equal(c.deadletter_max, 10000);
+	assert_int_equal(c.poison_deliveries, 3);
+	config_free(&c);
+	setenv("SPARK_MAX_MESSAGE_BYTES", "65536", 1);
+	setenv("SPARK_DEADLETTER_MAX", "5", 1);
+	setenv("SPARK_POISON_DELIVERIES", "1", 1);
+	assert_int_equal(load(&c, NULL, 0, "", err), 0);
+	assert_int_equal(c.max_message_bytes, 65536);
+	assert_int_equal(c.deadletter_max, 5);
+	assert_int_equal(c.poison_deliveries, 1);
+	config_free(&c);
+	setenv("SPARK_MAX_MESSAGE_BYTES", "2MB", 1);
+	assert_int_equal(load(&c, NULL, 0, "", err), 0);
+	assert_int_equal(c.max_message_bytes, 2 * 1024 * 1024);
+	config_free(&c);
+	/* what the export writes reads back the same */
+	setenv("SPARK_MAX_MESSAGE_BYTES", "1025b", 1);
+	assert_int_equal(load(&c, NULL, 0, "", err), 0);
+	assert_int_equal(c.max_message_bytes, 1025);
+	config_free(&c);
+	const char *bad_size[] = {"100", "1T", "1.5", "-1", "1G"};
+	for (size_t i = 0; i < sizeof bad_size / sizeof bad_size[0]; i++) {
+		setenv("SPARK_MAX_MESSAGE_BYTES", bad_size[i], 1);
+		assert_int_equal(load(&c, NULL, 0, "", err), -1);
+		assert_non_null(strstr(err, "SPARK_MAX_MESSAGE_BYTES"));
+	}
+	unsetenv("SPARK_MAX_MESSAGE_BYTES");
+	setenv("SPARK_DEADLETTER_MAX", "0", 1);
+	assert_int_equal(load(&c, NULL, 0, "", err), -1);
+	assert_non_null(strstr(err, "SPARK_DEADLETTER_MAX"));
+	unsetenv("SPARK_DEADLETTER_MAX");
+	setenv("SPARK_POISON_DELIVERIES", "0", 1);
+	assert_int_equal(load(&c, NULL, 0, "", err), -1);
+	assert_non_null(strstr(err, "SPARK_POISON_DELIVERIES"));
+	unsetenv("SPARK_POISON_DELIVERIES");
+}
+
 int
 main(void)
 {
 	const struct CMUnitTest tests[] = {
+	    cmocka_unit_test(test_poison_limits),
 	    cmocka_unit_test_setup(test_defaults, setup),
 	    cmocka_unit_test_setup(test_precedence, setup),
 	    cmocka_unit_test_setup(test_env_file_selection, setup),

@@ -166,15 +166,15 @@ test_decode_v1_and_limits(void **state)
 	assert_true(json_is_object(m.headers));
 	message_free(&m);
 
-	/* timelimit only soft; priority and retries that jansson does not read as integers count as absent */
+	/* timelimit only soft; integral reals as retries and priority count as their value, as Python's int() */
 	const char *odd =
 	    "{\"body\": \"W1tdLHt9LHt9XQ==\", \"headers\": {\"task\": \"a\", \"id\": \"x\", \"timelimit\": "
 	    "[null, 2.5], \"retries\": 3.0, \"eta\": 1795718782.5}, \"properties\": {\"priority\": 5.0, "
 	    "\"body_encoding\": \"base64\", \"delivery_info\": {\"redelivered\": true}}}";
 	assert_int_equal(message_decode(odd, strlen(odd), &m), 0);
 	assert_true(m.hard_limit < 0 && m.soft_limit == 2.5);
-	assert_int_equal(m.retries, 0);
-	assert_int_equal(m.priority, 0);
+	assert_int_equal(m.retries, 3);
+	assert_int_equal(m.priority, 5);
 	assert_true(m.eta == 1795718782.5);
 	assert_true(m.redelivered);
 	message_free(&m);
@@ -182,7 +182,7 @@ test_decode_v1_and_limits(void **state)
 	    "{\"body\": \"W1tdLHt9LHt9XQ==\", \"headers\": {\"task\": \"a\", \"id\": \"x\", \"retries\": "
 	    "1000000}, \"properties\": {\"body_encoding\": \"base64\"}}";
 	assert_int_equal(message_decode(many, strlen(many), &m), 0);
-	assert_int_equal(m.retries, 0);
+	assert_int_equal(m.retries, MESSAGE_MAX_RETRIES);
 	message_free(&m);
 }
 
