@@ -36,7 +36,7 @@ PL = $(shell $(PKG_CONFIG) --libs $(1) 2>/dev/null)
 # Only what each program needs at run time: every library a worker links costs resident memory in each of its
 # processes (libpq + libcurl + libcrypto: ~7 MiB), hence the workflow plugin below.
 PKGS_COMMON =
-PKGS_SPARKD = $(PKGS_COMMON) libevent msgpack
+PKGS_SPARKD = $(PKGS_COMMON) libevent msgpack hiredis jansson
 PKGS_WORKER = $(PKGS_COMMON) hiredis jansson libevent
 PKGS_WORKFLOW = libpq libcurl libcrypto jansson libevent
 PKGS_CTL = $(PKGS_COMMON) msgpack jansson
@@ -71,7 +71,7 @@ $(BUILD)/obj/proto/%.o: proto/%.c
 	$(CC) $(CPPFLAGS_ALL) $(CFLAGS_ALL) $(call PC,msgpack) -MMD -MP -c $< -o $@
 $(BUILD)/obj/sparkd/%.o: sparkd/%.c
 	@mkdir -p $(dir $@)
-	$(CC) $(CPPFLAGS_ALL) -Isparkd $(CFLAGS_ALL) $(call PC,$(PKGS_SPARKD)) -MMD -MP -c $< -o $@
+	$(CC) $(CPPFLAGS_ALL) -Isparkd -Iworker $(CFLAGS_ALL) $(call PC,$(PKGS_SPARKD)) -MMD -MP -c $< -o $@
 $(BUILD)/obj/worker/%.o: worker/%.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CPPFLAGS_ALL) -Iworker $(CFLAGS_ALL) $(call PC,$(PKGS_WORKER) $(PKGS_WORKFLOW)) -MMD -MP -c $< -o $@
@@ -88,9 +88,11 @@ $(BUILD)/obj/sparkctl/%.o: sparkctl/%.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CPPFLAGS_ALL) -Isparkctl $(CFLAGS_ALL) $(call PC,$(PKGS_CTL)) -MMD -MP -c $< -o $@
 
-$(BUILD)/bin/sparkd: $(call obj,$(SPARKD_SRC) $(COMMON_SRC) $(PROTO_SRC))
+# sparkd reuses the worker's base64 and uuid4 for kombu envelopes (worker/message-codec.c: one definition)
+SPARKD_WORKER_SRC = worker/message-codec.c
+$(BUILD)/bin/sparkd: $(call obj,$(SPARKD_SRC) $(COMMON_SRC) $(PROTO_SRC) $(SPARKD_WORKER_SRC))
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS_ALL) $(LDFLAGS) -o $@ $^ $(call PL,$(PKGS_SPARKD))
+	$(CC) $(CFLAGS_ALL) $(LDFLAGS) -o $@ $^ $(call PL,$(PKGS_SPARKD)) -lm
 $(BUILD)/bin/spark-worker: $(call obj,$(WORKER_EXE_SRC) $(COMMON_SRC))
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_ALL) $(LDFLAGS) -o $@ $^ $(call PL,$(PKGS_WORKER)) -lm
