@@ -251,6 +251,8 @@ pidbox_message(struct sparkd *sd, const char *data, size_t len)
 	pb_handler h = pidbox_lookup(req->method);
 	for (int i = 0; i < sd->nworkers; i++) {
 		struct sd_worker *w = &sd->workers[i];
+		if (w->stopped) /* shut down by remote control: gone, as a Python worker would be */
+			continue;
 		char err[200];
 		int addressed = pidbox_addressed(w->name, body, err, sizeof err);
 		if (addressed == 0)
