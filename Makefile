@@ -36,7 +36,7 @@ PL = $(shell $(PKG_CONFIG) --libs $(1) 2>/dev/null)
 # Only what each program needs at run time: every library a worker links costs resident memory in each of its
 # processes (libpq + libcurl + libcrypto: ~7 MiB), hence the workflow plugin below.
 PKGS_COMMON =
-PKGS_SPARKD = $(PKGS_COMMON) libevent msgpack
+PKGS_SPARKD = $(PKGS_COMMON) libevent msgpack hiredis jansson
 PKGS_WORKER = $(PKGS_COMMON) hiredis jansson libevent
 PKGS_WORKFLOW = libpq libcurl libcrypto jansson libevent
 PKGS_CTL = $(PKGS_COMMON) msgpack jansson
@@ -90,7 +90,7 @@ $(BUILD)/obj/sparkctl/%.o: sparkctl/%.c
 
 $(BUILD)/bin/sparkd: $(call obj,$(SPARKD_SRC) $(COMMON_SRC) $(PROTO_SRC))
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS_ALL) $(LDFLAGS) -o $@ $^ $(call PL,$(PKGS_SPARKD))
+	$(CC) $(CFLAGS_ALL) $(LDFLAGS) -o $@ $^ $(call PL,$(PKGS_SPARKD)) -lm
 $(BUILD)/bin/spark-worker: $(call obj,$(WORKER_EXE_SRC) $(COMMON_SRC))
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_ALL) $(LDFLAGS) -o $@ $^ $(call PL,$(PKGS_WORKER)) -lm

@@ -34,6 +34,23 @@
 #define PROTO_N_LOG     "log"
 #define PROTO_N_DROPPED "dropped" /* also carried as {"dropped": N} in a "log" notification */
 
+/* status fields of the Celery side (sparkd/celery.c): supervisor.celery and workers[].celery */
+#define PROTO_F_CELERY       "celery"
+#define PROTO_F_BROKER       "broker" /* sparkd's own broker connection: {state, error, since[, url]} */
+#define PROTO_F_BROKER_STATE "state"  /* connecting, up, down */
+#define PROTO_F_BROKER_ERROR "error"  /* why it is down; nil when up */
+#define PROTO_F_BROKER_SINCE "since"  /* wall clock of the last change */
+#define PROTO_F_BROKER_URL   "url"    /* password redacted */
+#define PROTO_F_EVENTS       "events" /* {heartbeats, freq} */
+#define PROTO_F_HEARTBEATS   "heartbeats"
+#define PROTO_F_FREQ         "freq"
+#define PROTO_F_REVOKED      "revoked" /* {count, ids}: ids (newest first, at most 100) only with verbose */
+#define PROTO_F_COUNT        "count"
+#define PROTO_F_IDS          "ids"
+#define PROTO_F_CLOCK        "clock"
+#define PROTO_F_TASK_EVENTS  "task_events"
+#define PROTO_F_QUEUES       "queues"
+
 /* error codes, protocol 1 */
 #define PROTO_E_UNKNOWN_METHOD  "unknown_method"
 #define PROTO_E_BAD_REQUEST     "bad_request"

@@ -118,6 +118,7 @@ status_print_supervisor(const struct ctl *ctl, const msgpack_object *sup)
 	printf("  Queues: %s\n", queues);
 	printf("  Limits: %s\n", limits);
 	printf("  Log File: %s\n", logfile);
+	out_celery_supervisor(ctl, proto_map_get(sup, PROTO_F_CELERY));
 	printf("\n");
 }
 
@@ -179,6 +180,7 @@ status_print_worker(const struct ctl *ctl, const msgpack_object *w, bool verbose
 	printf("Tasks Processed: %s\n", processed);
 	printf("Active Tasks: %s\n", active);
 	printf("Uptime: %s\n", uptime);
+	out_celery_worker(ctl, proto_map_get(w, PROTO_F_CELERY), verbose);
 	if (!verbose)
 		return;
 

@@ -446,3 +446,80 @@ out_dropped_line(const struct ctl *ctl, const msgpack_object *payload)
 		out_obj_str(d, n, sizeof n);
 	printf("%s-- %s lines dropped (reader too slow) --%s\n", out_color(ctl, C_YELLOW), n, out_reset(ctl));
 }
+
+/* ---- the Celery side of status (sparkd/celery.c) ---- */
+
+/* "Down (Connection refused)": sparkd's broker connection as a worker's Celery side depends on it. Returns false
+ * when it is up (nothing to say) or not reported (an older sparkd). */
+static bool
+out_broker_text(const msgpack_object *broker, char *buf, size_t len)
+{
+	char state[32], capital[32], error[300];
+	if (broker == NULL || broker->type != MSGPACK_OBJECT_MAP)
+		return false;
+	out_field_str(broker, PROTO_F_BROKER_STATE, state, sizeof state);
+	if (strcmp(state, "up") == 0)
+		return false;
+	out_capitalise(capital, sizeof capital, state);
+	if (out_obj_str(proto_map_get(broker, PROTO_F_BROKER_ERROR), error, sizeof error) == 0)
+		snprintf(buf, len, "%s (%s)", capital, error);
+	else
+		snprintf(buf, len, "%s", capital);
+	return true;
+}
+
+/* A worker's lines beyond the guide's six: the broker when it is not up (always), task events and queues. */
+void
+out_celery_worker(const struct ctl *ctl, const msgpack_object *cel, bool verbose)
+{
+	char text[400];
+	if (out_broker_text(proto_map_get(cel, PROTO_F_BROKER), text, sizeof text))
+		printf("Broker: %s%s%s\n", out_color(ctl, C_RED), text, out_reset(ctl));
+	if (!verbose || cel == NULL)
+		return;
+	bool on = false;
+	if (proto_get_bool(cel, PROTO_F_TASK_EVENTS, &on) == 1)
+		printf("Task Events: %s\n", on ? "on" : "off");
+	const msgpack_object *q = proto_map_get(cel, PROTO_F_QUEUES);
+	if (q == NULL || q->type != MSGPACK_OBJECT_ARRAY)
+		return;
+	printf("Queues:");
+	for (uint32_t i = 0; i < q->via.array.size; i++) {
+		char name[256];
+		out_obj_str(&q->via.array.ptr[i], name, sizeof name);
+		printf("%s %s", i ? "," : "", name);
+	}
+	printf("\n");
+}
+
+/* The supervisor's Celery lines (status --verbose): broker, worker events, revoked ids. */
+void
+out_celery_supervisor(const struct ctl *ctl, const msgpack_object *cel)
+{
+	if (cel == NULL || cel->type != MSGPACK_OBJECT_MAP)
+		return;
+	const msgpack_object *broker = proto_map_get(cel, PROTO_F_BROKER);
+	char text[400], url[512];
+	out_field_str(broker, PROTO_F_BROKER_URL, url, sizeof url);
+	if (out_broker_text(broker, text, sizeof text))
+		printf("  Broker: %s%s%s, %s\n", out_color(ctl, C_RED), text, out_reset(ctl), url);
+	else
+		printf("  Broker: Up, %s\n", url);
+	const msgpack_object *ev = proto_map_get(cel, PROTO_F_EVENTS);
+	bool beats = false;
+	double freq = 0;
+	if (proto_get_bool(ev, PROTO_F_HEARTBEATS, &beats) == 1)
+		printf("  Worker Events: %s\n", beats && proto_get_double(ev, PROTO_F_FREQ, &freq) == 1 && freq > 0
+		                                    ? "online, heartbeat, offline"
+		                                    : "off");
+	const msgpack_object *rv = proto_map_get(cel, PROTO_F_REVOKED);
+	char count[32];
+	out_field_int(rv, PROTO_F_COUNT, count, sizeof count);
+	printf("  Revoked: %s\n", count);
+	const msgpack_object *ids = proto_map_get(rv, PROTO_F_IDS);
+	for (uint32_t i = 0; ids != NULL && ids->type == MSGPACK_OBJECT_ARRAY && i < ids->via.array.size; i++) {
+		char id[16385];
+		out_obj_str(&ids->via.array.ptr[i], id, sizeof id);
+		printf("    %s\n", id);
+	}
+}

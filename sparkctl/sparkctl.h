@@ -145,6 +145,8 @@ json_t *out_msgpack_to_json(const msgpack_object *o);
 int out_print_json(const msgpack_object *o, bool pretty);
 void out_log_line(const struct ctl *ctl, const msgpack_object *line);
 void out_dropped_line(const struct ctl *ctl, const msgpack_object *payload);
+void out_celery_worker(const struct ctl *ctl, const msgpack_object *cel, bool verbose);
+void out_celery_supervisor(const struct ctl *ctl, const msgpack_object *cel);
 
 /* cmd-*.c: handlers, bound to command names in main.c */
 int cmd_start(struct ctl *ctl, const struct ctl_args *a);

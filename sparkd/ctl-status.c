@@ -71,15 +71,17 @@ pack_proc(msgpack_packer *pk, const struct sd_slot *s, const struct sd_proc *p, 
 static void
 pack_worker(msgpack_packer *pk, struct sparkd *sd, struct sd_worker *w, bool with_procs)
 {
-	msgpack_pack_map(pk, with_procs ? 9 : 8);
+	msgpack_pack_map(pk, with_procs ? 10 : 9);
 	proto_pack_kv_str(pk, "name", w->name);
 	proto_pack_kv_str(pk, "state", sup_state_name(sup_worker_state(w)));
 	proto_pack_kv_str(pk, "pool", pool_name(sd->cfg.pool));
-	proto_pack_kv_int(pk, "concurrency", sd->cfg.concurrency);
+	proto_pack_kv_int(pk, "concurrency", w->nslots * w->proc_slots); /* pool_grow/pool_shrink change it */
 	proto_pack_kv_int(pk, "processed", sup_worker_processed(w));
 	proto_pack_kv_int(pk, "active", sup_worker_active(w));
 	proto_pack_kv_double(pk, "uptime_s", w->started_wall > 0 ? now_wall() - w->started_wall : 0);
 	proto_pack_kv_int(pk, "restarts", sup_worker_restarts(w));
+	proto_pack_key(pk, PROTO_F_CELERY);
+	celery_pack_node(sd, w, pk);
 	if (!with_procs)
 		return;
 	/* each slot's current process (or its backoff/stopped placeholder), then processes being replaced */
@@ -114,7 +116,7 @@ ctl_pack_status(struct sparkd *sd, msgpack_packer *pk, bool verbose, bool with_p
 	msgpack_pack_map(pk, with_procs ? 2 : 3);
 	proto_pack_key(pk, "supervisor");
 	bool qknown = sd->nqlen > 0;
-	msgpack_pack_map(pk, qknown ? 17 : 15);
+	msgpack_pack_map(pk, qknown ? 18 : 16);
 	proto_pack_kv_int(pk, "pid", sd->pid);
 	proto_pack_kv_str(pk, "version", SPARK_VERSION);
 	proto_pack_kv_int(pk, "protocol", SPARK_PROTOCOL_VERSION);
@@ -148,11 +150,12 @@ ctl_pack_status(struct sparkd *sd, msgpack_packer *pk, bool verbose, bool with_p
 	                  : sd->state == SD_RUNNING ? "running"
 	                                            : "starting");
 	proto_pack_kv_int(pk, "rss_kib", proc_rss_kib(0));
+	proto_pack_key(pk, PROTO_F_CELERY);
+	celery_pack_status(sd, pk, verbose);
 	proto_pack_key(pk, "workers");
 	msgpack_pack_array(pk, (size_t)sd->nworkers);
 	for (int i = 0; i < sd->nworkers; i++)
 		pack_worker(pk, sd, &sd->workers[i], with_procs);
 	if (!with_procs)
 		proto_pack_kv_bool(pk, "truncated", true);
-	(void)verbose;
 }

@@ -73,11 +73,14 @@ sd_ready(struct sparkd *sd)
 	}
 }
 
-/* Every worker is gone after a stop: leave the loop; main() cleans up. */
+/* Every worker is gone after a stop: tell the monitors (worker-offline), then leave the loop; main() cleans up. */
 void
 sd_finish(struct sparkd *sd)
 {
-	event_base_loopexit(sd->base, NULL);
+	if (sd->finishing)
+		return;
+	sd->finishing = true;
+	celery_stop(sd);
 }
 
 void
@@ -126,6 +129,7 @@ sd_cleanup(struct sparkd *sd)
 	for (size_t i = 0; i < sizeof sd->sig_ev / sizeof sd->sig_ev[0]; i++)
 		if (sd->sig_ev[i])
 			event_free(sd->sig_ev[i]);
+	celery_free(sd);
 	sup_free(sd);
 	logcap_free(&sd->lc);
 	sys_free(sd);

@@ -341,7 +341,9 @@ main(int argc, char **argv)
 	evtimer_add(sd->start_timeout_ev, &stv);
 
 	sup_init(sd);
+	celery_init(sd);
 	sup_start_all(sd);
+	celery_start(sd);
 	sys_start_watchdog(sd);
 	sys_notify_status(sd);
 

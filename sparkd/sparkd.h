@@ -21,6 +21,7 @@
 #include "proto.h"
 #include "report.h"
 #include "util.h"
+#include "wireline.h"
 
 #define SD_SELF_NAME "sparkd"
 
@@ -83,6 +84,7 @@ struct sd_exit {
 
 struct sd_worker;
 struct sparkd;
+struct sd_celery;
 
 /* One worker process. */
 struct sd_proc {
@@ -103,6 +105,7 @@ struct sd_proc {
 	struct sd_task *tasks; /* nslots entries */
 	int rep_fd;
 	struct event *rep_ev;
+	struct wl_out cmd; /* commands to the process, on rep_fd (command.h) */
 	struct lc_reader *out, *err;
 };
 TAILQ_HEAD(sd_proc_list, sd_proc);
@@ -128,6 +131,8 @@ struct sd_worker {
 	int nslots;     /* processes: C for prefork, 1 otherwise */
 	int proc_slots; /* --slots for each process */
 	struct sd_slot *slots;
+	int slots_cap;             /* entries allocated: pool_shrink keeps the slots its draining processes name */
+	bool stopped;              /* stopped alone (Celery's control shutdown): its slots are not refilled */
 	struct sd_proc_list procs; /* every live process, current and retiring */
 	long processed_done;       /* by processes that have exited */
 	double started_wall;
@@ -254,7 +259,21 @@ struct sparkd {
 	char *qname[REPORT_MAX_QUEUES]; /* heap */
 	long qlen[REPORT_MAX_QUEUES];
 	double qlen_at;
+
+	struct sd_celery *cel; /* the broker connection, mailbox and events (celery.h) */
+	bool finishing;        /* every process is gone: worker-offline, then the loop ends */
 };
+
+/* celery.c (the rest of the Celery side is in celery.h) */
+void celery_init(struct sparkd *sd);
+void celery_start(struct sparkd *sd);
+void celery_free(struct sparkd *sd);
+void celery_stop(struct sparkd *sd); /* worker-offline for every node, then leave the loop */
+void celery_proc_started(struct sd_proc *p);
+void celery_proc_report(struct sd_proc *p, const struct report *r);
+void celery_node_stopped(struct sd_worker *w);
+void celery_pack_status(struct sparkd *sd, msgpack_packer *pk, bool verbose);
+void celery_pack_node(struct sparkd *sd, struct sd_worker *w, msgpack_packer *pk);
 
 /* lifecycle.c */
 void sd_startup_fail(struct sparkd *sd, const char *fmt, ...) __attribute__((format(printf, 2, 3), noreturn));
@@ -285,6 +304,8 @@ void sup_reap(struct sparkd *sd);
 void sup_tick(struct sparkd *sd);
 void sup_stop(struct sparkd *sd, bool cold, double timeout_s);
 void sup_retire(struct sd_proc *p, const char *reason);
+void sup_stop_worker(struct sd_worker *w);          /* warm stop of one node */
+void sup_worker_resize(struct sd_worker *w, int n); /* prefork: the node's process count, live */
 int sup_live_procs(struct sparkd *sd);
 bool sup_all_ready(struct sparkd *sd);
 const char *sup_state_name(enum sd_pstate s);

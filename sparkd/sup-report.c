@@ -95,8 +95,10 @@ proc_report(struct sd_proc *p, const struct report *r)
 		}
 		sd->qlen_at = now_wall();
 		break;
-	case REPORT_ANSWER: /* queries are not sent yet: nothing waits for an answer */
+	case REPORT_ANSWER:
 	case REPORT_ANSWERED:
+		celery_proc_report(p, r);
+		break;
 	case REPORT_UNKNOWN:
 		break;
 	}

@@ -90,7 +90,7 @@ sup_all_ready(struct sparkd *sd)
 enum sd_pstate
 sup_worker_state(struct sd_worker *w)
 {
-	if (w->sd->state == SD_STOPPING)
+	if (w->sd->state == SD_STOPPING || w->stopped)
 		return TAILQ_EMPTY(&w->procs) ? PS_STOPPED : PS_STOPPING;
 	bool active = false, draining = false;
 	for (int k = 0; k < w->nslots; k++) {

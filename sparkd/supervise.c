@@ -16,6 +16,7 @@
 
 static void proc_spawn(struct sd_slot *s);
 static void slot_restart_cb(evutil_socket_t fd, short what, void *arg);
+static void worker_stopped(struct sd_worker *w);
 
 /* ---- workers ---- */
 
@@ -34,6 +35,7 @@ sup_init(struct sparkd *sd)
 		w->proc_slots = cfg->pool == SPARK_POOL_THREADS ? cfg->concurrency : 1;
 		TAILQ_INIT(&w->procs);
 		w->slots = xcalloc((size_t)w->nslots, sizeof *w->slots);
+		w->slots_cap = w->nslots;
 		for (int k = 0; k < w->nslots; k++) {
 			struct sd_slot *s = &w->slots[k];
 			s->w = w;
@@ -76,6 +78,7 @@ proc_free(struct sd_proc *p)
 		p->err->proc = NULL;
 	if (p->rep_ev != NULL)
 		event_free(p->rep_ev);
+	wl_out_free(&p->cmd);
 	if (p->rep_fd >= 0)
 		close(p->rep_fd);
 	for (int i = 0; i < p->nslots; i++)
@@ -93,7 +96,7 @@ sup_free(struct sparkd *sd)
 		struct sd_proc *p;
 		while ((p = TAILQ_FIRST(&w->procs)) != NULL)
 			proc_free(p);
-		for (int k = 0; k < w->nslots; k++)
+		for (int k = 0; k < w->slots_cap; k++)
 			event_free(w->slots[k].restart_ev);
 		free(w->slots);
 	}
@@ -141,7 +144,7 @@ slot_restart_cb(evutil_socket_t fd, short what, void *arg)
 {
 	struct sd_slot *s = arg;
 	s->backoff = false;
-	if (s->w->sd->state == SD_STOPPING || s->current != NULL)
+	if (s->w->sd->state == SD_STOPPING || s->w->stopped || s->current != NULL)
 		return;
 	s->restarts++;
 	proc_spawn(s);
@@ -178,6 +181,7 @@ proc_spawn(struct sd_slot *s)
 	p->nslots = w->proc_slots;
 	p->tasks = xcalloc((size_t)p->nslots, sizeof *p->tasks);
 	p->rep_fd = rep;
+	wl_out_init(&p->cmd, rep);
 	p->rep_ev = event_new(sd->base, rep, EV_READ | EV_PERSIST, sup_report_cb, p);
 	if (p->rep_ev == NULL)
 		fatalx("out of memory (event)");
@@ -190,6 +194,7 @@ proc_spawn(struct sd_slot *s)
 	s->current = p;
 	s->backoff = false;
 	log_debug("%s: started process %d (slot %d)", w->name, (int)pid, s->index);
+	celery_proc_started(p);
 }
 
 /*
@@ -208,7 +213,7 @@ sup_retire(struct sd_proc *p, const char *reason)
 	if (s->current != p)
 		return;
 	s->current = NULL;
-	if (p->w->sd->state == SD_STOPPING)
+	if (p->w->sd->state == SD_STOPPING || p->w->stopped)
 		return;
 	s->restarts++;
 	proc_spawn(s);
@@ -231,7 +236,7 @@ proc_exited(struct sd_proc *p, int wstatus)
 	struct sd_exit ex;
 	sup_exit_classify(wstatus, p->reason, &ex);
 	bool recycled = p->reason[0] != '\0';
-	bool stopping = sd->state == SD_STOPPING;
+	bool stopping = sd->state == SD_STOPPING || w->stopped;
 	if (stopping && !recycled && ex.signal == 0 && ex.status == 0)
 		spark_strlcpy(ex.reason, "stopped", sizeof ex.reason);
 	else if (stopping && !recycled && ex.signal != 0)
@@ -253,9 +258,14 @@ proc_exited(struct sd_proc *p, int wstatus)
 	double ran = p->ready_mono > 0 ? now_mono() - p->ready_mono : 0;
 	proc_free(p);
 
-	if (stopping) {
+	if (sd->state == SD_STOPPING) {
 		if (sup_live_procs(sd) == 0)
 			sd_finish(sd);
+		return;
+	}
+	if (w->stopped) {
+		if (TAILQ_EMPTY(&w->procs))
+			worker_stopped(w);
 		return;
 	}
 	if (!was_current)
@@ -283,4 +293,120 @@ sup_reap(struct sparkd *sd)
 		if (p != NULL)
 			proc_exited(p, st);
 	}
+}
+
+/* ---- one node at a time (Celery's remote control) ---- */
+
+/* The last process of a node stopped alone is gone: sparkd stops too once no node is left. */
+static void
+worker_stopped(struct sd_worker *w)
+{
+	struct sparkd *sd = w->sd;
+	log_info("%s: stopped", w->name);
+	celery_node_stopped(w);
+	for (int i = 0; i < sd->nworkers; i++)
+		if (!sd->workers[i].stopped)
+			return;
+	log_info("every worker node is stopped: sparkd stops");
+	sup_stop(sd, false, -1);
+}
+
+/* Warm stop of one node: its processes finish their tasks and put back prefetched ones; none is restarted. */
+void
+sup_stop_worker(struct sd_worker *w)
+{
+	if (w->stopped || w->sd->state == SD_STOPPING)
+		return;
+	w->stopped = true;
+	for (int k = 0; k < w->nslots; k++) {
+		evtimer_del(w->slots[k].restart_ev);
+		w->slots[k].backoff = false;
+	}
+	struct sd_proc *p;
+	TAILQ_FOREACH(p, &w->procs, entry)
+	{
+		p->state = PS_STOPPING;
+		if (kill(p->pid, SIGTERM) < 0 && errno != ESRCH)
+			log_warn("%s: kill %d", w->name, (int)p->pid);
+	}
+	if (TAILQ_EMPTY(&w->procs))
+		worker_stopped(w);
+}
+
+/* More slots than allocated: a new array; each restart timer is re-pointed at its slot's new place. */
+static void
+worker_slots_grow(struct sd_worker *w, int n)
+{
+	struct sd_slot *old = w->slots;
+	w->slots = xcalloc((size_t)n, sizeof *w->slots);
+	memcpy(w->slots, old, (size_t)w->slots_cap * sizeof *old);
+	for (int k = 0; k < w->slots_cap; k++) {
+		struct sd_slot *s = &w->slots[k];
+		bool pending = evtimer_pending(s->restart_ev, NULL);
+		evtimer_del(s->restart_ev);
+		evtimer_assign(s->restart_ev, w->sd->base, slot_restart_cb, s);
+		if (pending) {
+			double d = s->backoff_until - now_wall();
+			d = d > 0 ? d : 0;
+			struct timeval tv = {(time_t)d, (suseconds_t)((d - (double)(time_t)d) * 1e6)};
+			evtimer_add(s->restart_ev, &tv);
+		}
+	}
+	free(old);
+	for (int k = w->slots_cap; k < n; k++) {
+		w->slots[k].restart_ev = evtimer_new(w->sd->base, slot_restart_cb, &w->slots[k]);
+		if (w->slots[k].restart_ev == NULL)
+			fatalx("out of memory (timer)");
+	}
+	w->slots_cap = n;
+}
+
+/*
+ * pool_grow / pool_shrink: the node runs n single-slot processes from now on. New slots start a process at once;
+ * a removed slot's process finishes its task, puts back what it prefetched and exits (a warm stop of that process
+ * alone), so no task is lost.
+ */
+void
+sup_worker_resize(struct sd_worker *w, int n)
+{
+	struct sparkd *sd = w->sd;
+	if (n < 1 || n == w->nslots || w->stopped || sd->state == SD_STOPPING)
+		return;
+	log_info("%s: pool %s from %d to %d process%s (remote control)", w->name, n > w->nslots ? "grows" : "shrinks",
+	         w->nslots, n, n == 1 ? "" : "es");
+	if (n < w->nslots) {
+		for (int k = n; k < w->nslots; k++) {
+			struct sd_slot *s = &w->slots[k];
+			evtimer_del(s->restart_ev);
+			s->backoff = s->failing = false;
+			struct sd_proc *p = s->current;
+			if (p == NULL)
+				continue;
+			s->current = NULL;
+			p->retiring = true;
+			if (p->reason[0] == '\0')
+				spark_strlcpy(p->reason, "pool-shrink", sizeof p->reason);
+			if (p->state != PS_STOPPING)
+				p->state = PS_DRAINING;
+			if (kill(p->pid, SIGTERM) < 0 && errno != ESRCH)
+				log_warn("%s: kill %d", w->name, (int)p->pid);
+		}
+		w->nslots = n;
+		return;
+	}
+	if (n > w->slots_cap)
+		worker_slots_grow(w, n);
+	for (int k = w->nslots; k < n; k++) {
+		struct sd_slot *s = &w->slots[k];
+		struct event *ev = s->restart_ev;
+		memset(s, 0, sizeof *s);
+		s->w = w;
+		s->index = k;
+		s->backoff_delay = SD_BACKOFF_MIN;
+		s->restart_ev = ev;
+	}
+	int from = w->nslots;
+	w->nslots = n;
+	for (int k = from; k < n; k++)
+		proc_spawn(&w->slots[k]);
 }

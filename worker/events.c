@@ -186,7 +186,7 @@ events_flush(struct worker *w)
 	}
 	sbuf_reset(&e->batch);
 	e->nbatch = 0;
-	char *b64 = message_b64_encode((const unsigned char *)b->p, b->len);
+	char *b64 = b64_encode((const unsigned char *)b->p, b->len);
 	struct sbuf *v = &e->env;
 	sbuf_reset(v);
 	sbuf_adds(v, "{\"body\": \"");

@@ -203,7 +203,7 @@ decode_body(struct decode *d, int body, const char *benc)
 			n = jscan_unescape(src, n, out);
 			src = out;
 		}
-		if (message_b64_decode_into(src, n, (unsigned char *)out, &blen) < 0)
+		if (b64_decode_into(src, n, (unsigned char *)out, &blen) < 0)
 			return bad(m, "ValueError", "body is not valid base64");
 	} else if (benc == NULL || strcmp(benc, "utf-8") == 0) {
 		if (escaped) {
@@ -486,7 +486,7 @@ message_build_retry(const char *raw, size_t len, const struct message *m, int re
 	}
 	char iso[64], tag[37];
 	message_format_iso(eta, true, iso, sizeof iso);
-	message_uuid4(tag);
+	uuid4_string(tag);
 	json_t *headers = json_object_get(env, "headers");
 	json_t *props = json_object_get(env, "properties");
 	json_object_del(headers, "redelivered");
@@ -510,7 +510,7 @@ message_build_retry(const char *raw, size_t len, const struct message *m, int re
 			json_decref(env);
 			return NULL;
 		}
-		char *b64 = message_b64_encode((const unsigned char *)text, strlen(text));
+		char *b64 = b64_encode((const unsigned char *)text, strlen(text));
 		free(text);
 		json_object_set_new(env, "body", json_string(b64));
 		json_object_set_new(props, "body_encoding", json_string("base64"));

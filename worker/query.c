@@ -66,13 +66,26 @@ query_text(const char *s, size_t n, const char *empty)
 	return v;
 }
 
+/* Celery's Request.info(safe=False) gives args and kwargs as values: the message's own JSON when it fits one
+ * item, else (or if it does not parse) the capped text. */
+static json_t *
+query_value(const char *s, size_t n, const char *empty)
+{
+	if (s != NULL && n <= QUERY_TEXT_MAX) {
+		json_t *v = json_loadb(s, n, JSON_DECODE_ANY, NULL);
+		if (v != NULL)
+			return v;
+	}
+	return query_text(s, n, empty);
+}
+
 static json_t *
 query_str(const char *s)
 {
 	return s ? json_string_nocheck(s) : json_null();
 }
 
-/* Celery's Request.info(safe=True). */
+/* Celery's Request.info() as `inspect active` asks for it (safe=False: args and kwargs as values). */
 static json_t *
 query_info(struct worker *w, const struct job *j)
 {
@@ -84,8 +97,8 @@ query_info(struct worker *w, const struct job *j)
 	free(queue);
 	bool running = j->state == JOB_RUNNING || j->state == JOB_ABANDONED;
 	json_t *o = json_pack("{s:o, s:o, s:o, s:o, s:o, s:o, s:o, s:b, s:o, s:o}", "id", query_str(m->task_id), "name",
-	                      query_str(m->task_name), "args", query_text(m->args_json, m->args_len, "[]"), "kwargs",
-	                      query_text(m->kwargs_json, m->kwargs_len, "{}"), "type", query_str(m->task_name),
+	                      query_str(m->task_name), "args", query_value(m->args_json, m->args_len, "[]"), "kwargs",
+	                      query_value(m->kwargs_json, m->kwargs_len, "{}"), "type", query_str(m->task_name),
 	                      "hostname", query_str(w->node), "time_start",
 	                      running ? json_real(j->started_wall) : json_null(), "acknowledged", false,
 	                      "delivery_info", di, "worker_pid", running ? json_integer(w->pid) : json_null());

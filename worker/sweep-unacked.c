@@ -233,7 +233,7 @@ sweep_restore_unacked(struct worker *w, void (*done)(struct worker *w, bool ok))
 	struct unacked_scan *u = xcalloc(1, sizeof *u);
 	u->w = w;
 	u->done = done;
-	message_uuid4(u->token);
+	uuid4_string(u->token);
 	w->unacked_running = true;
 	const char *a[] = {"SET", KEY_UNACKED_MUTEX, u->token, "NX", "PX", "300000"};
 	if (rpipe_send(&w->broker, unacked_lock_cb, u, 6, a, NULL) < 0) {

@@ -8,6 +8,7 @@
 #include <stdlib.h>
 
 #include "task.h"
+#include "tasknames.h"
 #include "util.h"
 
 static const struct {
@@ -15,10 +16,10 @@ static const struct {
 	task_fn fn;
 	bool needs_dom; /* reads run->args/kwargs/headers (the others take raw JSON spans) */
 } task_registry[] = {
-    {"spark.noop", task_noop, false},
-    {"spark.sleep", task_sleep, true},
-    {"automagik_spark.core.tasks.workflow_tasks.execute_workflow", task_execute_workflow, true},
-    {"spark.run_task", task_run_task, true},
+    {SPARK_TASK_NOOP, task_noop, false},
+    {SPARK_TASK_SLEEP, task_sleep, true},
+    {SPARK_TASK_EXECUTE_WORKFLOW, task_execute_workflow, true},
+    {SPARK_TASK_RUN_TASK, task_run_task, true},
 };
 
 task_fn

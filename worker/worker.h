@@ -40,6 +40,7 @@
 #include <string.h>
 #include <sys/queue.h>
 
+#include "codec.h"
 #include "config.h"
 #include "report.h"
 #include "task.h"
@@ -161,14 +162,6 @@ int message_parse_iso(const char *s, double *out);
 /* aware: "2026-11-26T18:46:22.400551+00:00"; naive (Celery 5.2's date_done): "2026-11-26T18:46:05.338234" */
 void message_format_iso(double t, bool aware, char *buf, size_t len);
 
-/* Standard base64 (RFC 4648, padding required; whitespace at the ends ignored) of a body_encoding "base64" body.
- * decode: a NUL-terminated copy, or NULL for anything malformed; encode: NUL-terminated. Caller frees. */
-unsigned char *message_b64_decode(const char *s, size_t len, size_t *outlen);
-char *message_b64_encode(const unsigned char *p, size_t len);
-/* Decode into out (which may be s itself: output never passes input). 0, or -1 for malformed input. */
-int message_b64_decode_into(const char *s, size_t len, unsigned char *out, size_t *outlen);
-
-void message_uuid4(char out[37]);
 /* kombu's priority step (0, 3, 6, 9) and the Redis key of a queue at a priority (caller frees). */
 int message_priority_step(int priority);
 char *message_queue_key(const char *queue, int priority);

@@ -58,7 +58,7 @@ def test_query_active_reserved_stats_query_task(tmp_path, redis, celery):
         [active] = w.query("active")
         assert set(active) == INFO_KEYS
         assert active["id"] == sleeper.id and active["name"] == active["type"] == "spark.sleep"
-        assert active["args"] == "[30]" and active["kwargs"] == "{}"
+        assert active["args"] == [30] and active["kwargs"] == {}
         assert active["hostname"] == "celery@qhost" and active["worker_pid"] == w.proc.pid
         assert before - 1 <= active["time_start"] <= time.time() and active["acknowledged"] is False
         assert active["delivery_info"] == {"exchange": "", "routing_key": "celery", "priority": 0,

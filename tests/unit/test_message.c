@@ -190,7 +190,7 @@ test_decode_v1_and_limits(void **state)
 static char *
 v2_message(const char *headers_extra, const char *body)
 {
-	char *b64 = message_b64_encode((const unsigned char *)body, strlen(body));
+	char *b64 = b64_encode((const unsigned char *)body, strlen(body));
 	size_t n = strlen(b64) + strlen(headers_extra) + 200;
 	char *s = malloc(n);
 	snprintf(s, n,

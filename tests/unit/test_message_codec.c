@@ -63,11 +63,11 @@ test_keys(void **state)
 static void
 b64_roundtrip(const char *plain, const char *encoded)
 {
-	char *e = message_b64_encode((const unsigned char *)plain, strlen(plain));
+	char *e = b64_encode((const unsigned char *)plain, strlen(plain));
 	assert_string_equal(e, encoded);
 	free(e);
 	size_t n = 99;
-	unsigned char *d = message_b64_decode(encoded, strlen(encoded), &n);
+	unsigned char *d = b64_decode(encoded, strlen(encoded), &n);
 	assert_non_null(d);
 	assert_int_equal(n, strlen(plain));
 	assert_memory_equal(d, plain, n);
@@ -79,7 +79,7 @@ static void
 b64_refused(const char *s)
 {
 	size_t n;
-	unsigned char *d = message_b64_decode(s, strlen(s), &n);
+	unsigned char *d = b64_decode(s, strlen(s), &n);
 	if (d != NULL)
 		fail_msg("'%s' decoded", s);
 }
@@ -101,9 +101,9 @@ test_base64(void **state)
 	for (int i = 0; i < 256; i++)
 		all[i] = (unsigned char)i;
 	for (size_t len = 0; len <= sizeof all; len += 85) {
-		char *e = message_b64_encode(all, len);
+		char *e = b64_encode(all, len);
 		size_t n;
-		unsigned char *d = message_b64_decode(e, strlen(e), &n);
+		unsigned char *d = b64_decode(e, strlen(e), &n);
 		assert_non_null(d);
 		assert_int_equal(n, len);
 		assert_memory_equal(d, all, len);
@@ -113,7 +113,7 @@ test_base64(void **state)
 	b64_roundtrip("\xfb\xff\xbf", "+/+/");
 	/* whitespace at the ends, as a body may carry */
 	size_t n;
-	unsigned char *d = message_b64_decode(" Zm9v\r\n", 7, &n);
+	unsigned char *d = b64_decode(" Zm9v\r\n", 7, &n);
 	assert_non_null(d);
 	assert_int_equal(n, 3);
 	assert_memory_equal(d, "foo", 3);
@@ -133,7 +133,7 @@ test_base64(void **state)
 	b64_refused("Zm9v\xc3\xa9"
 	            "A=");
 	/* the length is what counts: an embedded NUL is an invalid character */
-	assert_null(message_b64_decode("Zm\0v", 4, &n));
+	assert_null(b64_decode("Zm\0v", 4, &n));
 }
 
 int
