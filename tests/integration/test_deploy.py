@@ -4,7 +4,9 @@
 stays in the foreground, reaps orphans and stops warm on SIGTERM."""
 
 import getpass
+import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -15,7 +17,7 @@ import uuid
 import pytest
 
 import harness
-from harness import (BIN_DIR, base_env, pid_alive, pids_with_env, rpc_call, san_reports, t, wait_for,
+from harness import (BIN_DIR, REPO, base_env, pid_alive, pids_with_env, rpc_call, san_reports, t, wait_for,
                      wait_pid_gone)
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -303,3 +305,107 @@ def test_pid1_stays_in_foreground_reaps_orphans_and_stops_warm(tmp_path, redis, 
             proc.wait()
         reports = dep.cleanup()
     assert not reports, "\n".join(reports)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# docker/: no docker here, so the files are checked with what Debian offers (python3-yaml; docker-compose's own
+# `config` when installed) against the project they package
+
+
+def config_default(var):
+    """A variable's default as common/config.c defines it."""
+    m = re.search(r'\{"' + var + r'", [^,]+, "([^"]+)"', (REPO / "common" / "config.c").read_text())
+    assert m, var
+    return m.group(1)
+
+
+def seconds(v):
+    m = re.fullmatch(r"(?:(\d+)m)?(?:(\d+)s)?", str(v))
+    assert m and any(m.groups()), v
+    return int(m.group(1) or 0) * 60 + int(m.group(2) or 0)
+
+
+def test_compose_file_mirrors_the_guide_and_outlasts_the_time_limits():
+    import yaml
+    path = REPO / "docker" / "docker-compose.yml"
+    doc = yaml.safe_load(path.read_text())
+    svc = doc["services"]
+    assert {"redis", "postgres", "spark-worker"} <= set(svc)
+    assert svc["redis"]["image"].startswith("redis:") and svc["postgres"]["image"].startswith("postgres:")
+    w = svc["spark-worker"]
+    assert w["command"] == "automagik-spark workers start --concurrency 2"
+    assert w["deploy"]["replicas"] == 3
+    env = dict(e.split("=", 1) for e in w["environment"])
+    assert env["CELERY_BROKER_URL"] == "redis://redis:6379/0"
+    assert env["DATABASE_URL"].startswith("postgresql://") and "@postgres:5432/" in env["DATABASE_URL"]
+    # a warm stop lets the running task finish: up to the hard limit, which is above the soft one
+    grace = seconds(w["stop_grace_period"])
+    assert grace > float(config_default("CELERY_TASK_SOFT_TIME_LIMIT"))
+    assert grace > float(config_default("CELERY_TASK_TIME_LIMIT"))
+    assert w.get("stop_signal", "SIGTERM") == "SIGTERM"
+    for name, s in svc.items():
+        if "build" in s:
+            assert (path.parent / s["build"]["context"] / s["build"]["dockerfile"]).resolve() == \
+                (REPO / "docker" / "Dockerfile"), name
+    if shutil.which("docker-compose"):
+        cp = subprocess.run(["docker-compose", "-f", str(path), "config", "-q"], capture_output=True, text=True,
+                            timeout=t(60))
+        assert cp.returncode == 0, cp.stderr
+
+
+def dockerfile_stages(text):
+    """[(base image, [(INSTRUCTION, argument)])] with continuation lines joined and comments dropped."""
+    stages, logical = [], ""
+    for line in text.splitlines():
+        if line.lstrip().startswith("#") and not logical:
+            continue
+        logical += line.rstrip()
+        if logical.endswith("\\"):
+            logical = logical[:-1] + " "
+            continue
+        if logical.strip():
+            ins, _, arg = logical.strip().partition(" ")
+            assert ins.isupper(), f"not an instruction: {logical!r}"
+            if ins == "FROM":
+                stages.append((arg.split()[0], []))
+            else:
+                assert stages, "an instruction before FROM"
+                stages[-1][1].append((ins, " ".join(arg.split())))
+        logical = ""
+    return stages
+
+
+def package_of(lib_path):
+    for p in {lib_path, os.path.realpath(lib_path), re.sub(r"^/usr", "", lib_path),
+              "/usr" + lib_path if not lib_path.startswith("/usr") else lib_path}:
+        cp = subprocess.run(["dpkg", "-S", p], capture_output=True, text=True)
+        if cp.returncode == 0:
+            return cp.stdout.split(":")[0].strip()
+    raise AssertionError(f"no Debian package ships {lib_path}")
+
+
+def test_dockerfile_builds_with_make_install_and_installs_every_library_the_binaries_need():
+    stages = dockerfile_stages((REPO / "docker" / "Dockerfile").read_text())
+    assert [base for base, _ in stages] == ["debian:12-slim", "debian:12-slim"]
+    build, run = stages[0][1], stages[1][1]
+    assert any(i == "RUN" and "make install" in a for i, a in build)
+    assert ("CMD", json.dumps(["automagik-spark", "workers", "start"])) in run
+    assert any(i == "COPY" and a.startswith("--from=") for i, a in run)
+    installed = set()
+    for ins, arg in run:
+        m = re.search(r"apt-get install -y --no-install-recommends ([^&]+)", arg) if ins == "RUN" else None
+        if m:
+            installed |= set(m.group(1).split())
+    # the packages of the libraries the binaries link directly (apt brings the rest), less the base image's libc
+    direct = set()
+    for b in ("sparkd", "spark-worker", "sparkctl", "spark-workflow.so"):
+        resolved = dict(re.findall(r"^\s*(\S+) => (/\S+)", subprocess.run(
+            ["ldd", str(BIN_DIR / b)], capture_output=True, text=True, check=True).stdout, re.M))
+        out = subprocess.run(["readelf", "-d", str(BIN_DIR / b)], capture_output=True, text=True).stdout
+        for so in re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", out):
+            if so.startswith(("libc.so", "libm.so", "libasan", "libubsan", "libstdc++", "libgcc_s")):
+                continue  # the C library, and the sanitizer build's own runtime
+            direct.add(package_of(resolved[so]))
+    assert {"libhiredis0.14", "libpq5", "libevent-2.1-7"} <= direct, direct
+    missing = direct - installed
+    assert not missing, f"docker/Dockerfile's runtime stage does not install {sorted(missing)}"
