@@ -64,7 +64,8 @@ static const struct vdef vdefs[] = {
     {"CELERY_TASK_RETRY_BACKOFF", NULL, "True", V_BOOL, 0, 0, OFF(retry_backoff)},
     {"CELERY_TASK_RETRY_BACKOFF_MAX", NULL, "120", V_DOUBLE, 0, 86400, OFF(retry_backoff_max)},
     {"CELERY_TASK_DEFAULT_RETRY_DELAY", NULL, "5", V_DOUBLE, 0, 86400, OFF(default_retry_delay)},
-    {"SPARK_QUEUES", NULL, "celery", V_QUEUES, 0, 0, NOOFF},
+    /* automagik-spark's Celery app declares both task queues and its Python worker consumes both */
+    {"SPARK_QUEUES", NULL, "celery,direct", V_QUEUES, 0, 0, NOOFF},
     {"SPARK_SOCKET", NULL, NULL, V_PATH, 0, 0, OFF(socket_path)},
     {"SPARK_LOG_DIR", NULL, NULL, V_PATH, 0, 0, OFF(log_dir)},
     {"SPARK_PID_FILE", NULL, NULL, V_PATH, 0, 0, OFF(pid_file)},
@@ -225,33 +226,43 @@ envfile_line(char *line, const char *name, int lineno, envfile_cb cb, void *arg,
 	return 0;
 }
 
-int
-envfile_parse_buf(const char *name, const char *buf, envfile_cb cb, void *arg, char *err, size_t errlen)
+/* Strict: the first bad line ends the parse with -1. Lenient: bad lines are skipped, the first one's reason is kept
+ * in err, and the number of bad lines is returned. */
+static int
+envfile_parse_lines(const char *name, const char *buf, bool lenient, envfile_cb cb, void *arg, char *err, size_t errlen)
 {
 	char *copy = xstrdup(buf);
-	int lineno = 0, rc = 0;
-	char *save = NULL;
+	int lineno = 0, nbad = 0;
 	char *s = copy;
 	for (;;) {
 		char *nl = strchr(s, '\n');
 		if (nl)
 			*nl = '\0';
 		lineno++;
-		if (envfile_line(s, name, lineno, cb, arg, err, errlen) < 0) {
-			rc = -1;
-			break;
+		char lerr[512];
+		if (envfile_line(s, name, lineno, cb, arg, lerr, sizeof lerr) < 0) {
+			if (nbad++ == 0)
+				snprintf(err, errlen, "%s", lerr);
+			if (!lenient)
+				break;
 		}
 		if (!nl)
 			break;
 		s = nl + 1;
 	}
-	(void)save;
 	free(copy);
-	return rc;
+	return lenient ? nbad : (nbad ? -1 : 0);
 }
 
 int
-envfile_parse(const char *path, envfile_cb cb, void *arg, char *err, size_t errlen)
+envfile_parse_buf(const char *name, const char *buf, envfile_cb cb, void *arg, char *err, size_t errlen)
+{
+	return envfile_parse_lines(name, buf, false, cb, arg, err, errlen);
+}
+
+/* The whole file, NUL-terminated, in *out (caller frees); -1 with the reason in err. */
+static int
+envfile_read(const char *path, char **out, char *err, size_t errlen)
 {
 	FILE *f = fopen(path, "re");
 	if (f == NULL) {
@@ -285,6 +296,16 @@ envfile_parse(const char *path, envfile_cb cb, void *arg, char *err, size_t errl
 		free(buf);
 		return -1;
 	}
+	*out = buf;
+	return 0;
+}
+
+int
+envfile_parse(const char *path, envfile_cb cb, void *arg, char *err, size_t errlen)
+{
+	char *buf;
+	if (envfile_read(path, &buf, err, errlen) < 0)
+		return -1;
 	int rc = envfile_parse_buf(path, buf, cb, arg, err, errlen);
 	free(buf);
 	return rc;
@@ -692,6 +713,48 @@ config_resolve(const char *var, const char *flag_value, const char *env_file, ch
 		free(r[i].value);
 	}
 	return out;
+}
+
+static void
+socket_cb(const char *key, const char *value, void *arg)
+{
+	char **out = arg;
+	if (strcmp(key, "SPARK_SOCKET") == 0) {
+		free(*out);
+		*out = xstrdup(value);
+	}
+}
+
+char *
+config_socket_resolve(const char *flag_value, const char *env_file, char *warn, size_t warnlen)
+{
+	if (warnlen > 0)
+		warn[0] = '\0';
+	if (flag_value != NULL && flag_value[0] != '\0')
+		return xstrdup(flag_value);
+	const char *v = getenv("SPARK_SOCKET");
+	char *found = NULL;
+	if (v != NULL) {
+		/* the environment wins over the file: the file is not even opened */
+		if (v[0] != '\0')
+			return xstrdup(v);
+	} else {
+		bool explicit;
+		const char *path = pick_env_file(env_file, &explicit);
+		char *buf = NULL;
+		if (path != NULL && envfile_read(path, &buf, warn, warnlen) == 0) {
+			int nbad = envfile_parse_lines(path, buf, true, socket_cb, &found, warn, warnlen);
+			size_t used = strlen(warn);
+			if (nbad > 1 && used < warnlen)
+				snprintf(warn + used, warnlen - used, " (and %d more bad line%s)", nbad - 1,
+				         nbad == 2 ? "" : "s");
+		}
+		free(buf);
+	}
+	if (found != NULL && found[0] != '\0')
+		return found;
+	free(found);
+	return config_default_socket();
 }
 
 static void

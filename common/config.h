@@ -86,6 +86,14 @@ void config_free(struct spark_config *cfg);
  * Returns a newly allocated string or NULL when unset. Used by sparkctl for the socket path. */
 char *config_resolve(const char *var, const char *flag_value, const char *env_file, char *err, size_t errlen);
 
+/*
+ * The control socket for the commands that only talk to sparkd (status, logs, stop): the flag, else $SPARK_SOCKET,
+ * else SPARK_SOCKET from the env file (chosen as config_load chooses it), else the default. Nothing else is read or
+ * judged: an unreadable env file or a bad line in it is only a warning, left in warn ("" when none), and the good
+ * lines still count. Never NULL; caller frees.
+ */
+char *config_socket_resolve(const char *flag_value, const char *env_file, char *warn, size_t warnlen);
+
 /* The default control socket path for this user (DESIGN §4). Caller frees. */
 char *config_default_socket(void);
 

@@ -3,7 +3,7 @@
 set -eu
 PKGS="build-essential pkg-config libhiredis-dev libpq-dev libmsgpack-dev libcurl4-openssl-dev libevent-dev
 libjansson-dev libjsmn-dev libssl-dev libcmocka-dev redis-server postgresql python3-celery python3-redis python3-msgpack
-python3-psycopg2 python3-pytest python3-cryptography systemd util-linux man-db groff-base"
+python3-psycopg2 python3-pytest python3-cryptography systemd util-linux supervisor man-db groff-base"
 missing=""
 for p in $PKGS; do
 	dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"

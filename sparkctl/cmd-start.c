@@ -1,7 +1,8 @@
 /*
  * sparkctl start: validate the configuration here (so a bad value is refused before any process starts), refuse
  * when a sparkd already answers, then become sparkd: `--daemon` returns when every worker is ready, and its exit
- * status is ours because we exec it.
+ * status is ours because we exec it. Under a supervisor that watches the process it started (supervisord, a
+ * container) we exec sparkd in the foreground instead, so that its pid is the one that supervisor watches.
  */
 #include "sparkctl.h"
 
@@ -58,6 +59,35 @@ start_check_running(struct ctl *ctl, const char *path)
 	return 1;
 }
 
+static bool
+start_in_container(void)
+{
+	const char *c = getenv("container"); /* systemd-nspawn, podman, LXC */
+	return access("/.dockerenv", F_OK) == 0 || access("/run/.containerenv", F_OK) == 0 || (c != NULL && *c);
+}
+
+/*
+ * Why `start` must stay in the foreground without --foreground, or NULL to daemonize. A supervisor that started us
+ * watches the process it started: if that returns, supervisord restarts it (and ends FATAL while an orphaned
+ * daemon runs on) and a container stops. A container's main process is PID 1, or the child of an init such as
+ * tini (`docker run --init`, compose `init: true`) or of a shell-form CMD; a shell opened with `docker exec`
+ * is not PID 1, so `start` typed there daemonizes as on a host. A systemd unit (INVOCATION_ID) is the guide's
+ * Type=forking one even inside a container: systemd waits for the fork.
+ */
+static const char *
+start_foreground_reason(void)
+{
+	if (getenv("SUPERVISOR_ENABLED") != NULL)
+		return "under supervisord";
+	if (getpid() == 1)
+		return "as PID 1";
+	if (getenv("INVOCATION_ID") != NULL)
+		return NULL;
+	if (getppid() == 1 && start_in_container())
+		return "as the container's main process";
+	return NULL;
+}
+
 int
 cmd_start(struct ctl *ctl, const struct ctl_args *a)
 {
@@ -110,7 +140,11 @@ cmd_start(struct ctl *ctl, const struct ctl_args *a)
 	}
 	if (a->set[OPT_EVENTS])
 		argv[n++] = "--events";
-	if (!a->set[OPT_FOREGROUND])
+	const char *why = a->set[OPT_FOREGROUND] ? NULL : start_foreground_reason();
+	if (why != NULL)
+		/* said once, so that the supervisor's log tells why no daemon was forked */
+		out_err(ctl, "staying in the foreground %s; SIGTERM stops the workers warm", why);
+	else if (!a->set[OPT_FOREGROUND])
 		argv[n++] = "--daemon";
 	argv[n] = NULL;
 

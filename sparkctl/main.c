@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "config.h"
 #include "util.h"
 
 #define ALWAYS OPT_SOCKET, OPT_HELP, OPT_VERSION
@@ -29,17 +30,21 @@ struct ctl_command {
 	const enum ctl_optid *opts;
 	size_t nopts;
 	const char *summary;
+	bool socket_only; /* talks only to sparkd: reads the socket path and nothing else (DESIGN §3) */
 };
 
 static const struct ctl_command commands[] = {
     {NULL, "start", cmd_start, start_opts, NOPTS(start_opts),
-     "start sparkd and its workers; returns once every worker is ready"},
-    {NULL, "status", cmd_status, status_opts, NOPTS(status_opts), "show each worker's state and counters"},
+     "start sparkd and its workers; returns once every worker is ready (stays in the foreground under "
+     "supervisord or as a container's main process)",
+     false},
+    {NULL, "status", cmd_status, status_opts, NOPTS(status_opts), "show each worker's state and counters", true},
     {NULL, "stop", cmd_stop, stop_opts, NOPTS(stop_opts),
-     "stop gracefully: in-flight tasks finish, prefetched ones go back to the queue"},
-    {NULL, "logs", cmd_logs, logs_opts, NOPTS(logs_opts), "show the workers' recent log lines, merged in time order"},
+     "stop gracefully: in-flight tasks finish, prefetched ones go back to the queue", true},
+    {NULL, "logs", cmd_logs, logs_opts, NOPTS(logs_opts), "show the workers' recent log lines, merged in time order",
+     true},
     {"db", "migrate", cmd_db_migrate, migrate_opts, NOPTS(migrate_opts),
-     "create or upgrade the PostgreSQL schema (runs spark-worker --migrate)"},
+     "create or upgrade the PostgreSQL schema (runs spark-worker --migrate)", false},
 };
 
 #define NCOMMANDS (sizeof commands / sizeof commands[0])
@@ -305,6 +310,16 @@ main(int argc, char **argv)
 	if (args.set[OPT_VERSION])
 		return version_print(&ctl);
 	ctl.socket_flag = args.set[OPT_SOCKET] ? args.str[OPT_SOCKET] : NULL;
+	if (c->socket_only) {
+		/* resolved here, so that ctl_socket_path() never parses the rest of the configuration */
+		char warn[640];
+		ctl.socket_path = config_socket_resolve(ctl.socket_flag, NULL, warn, sizeof warn);
+		if (warn[0] != '\0')
+			out_err(&ctl,
+			        "warning: %s; ignored by '%s', which needs only the socket ('start' refuses the file "
+			        "until it is fixed)",
+			        warn, c->name);
+	}
 
 	int rc = c->handler(&ctl, &args);
 	if (fflush(stdout) != 0 && rc == CTL_EXIT_OK) {

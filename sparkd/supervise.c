@@ -292,6 +292,8 @@ sup_reap(struct sparkd *sd)
 		struct sd_proc *p = proc_find(sd, pid);
 		if (p != NULL)
 			proc_exited(p, st);
+		else /* an orphan re-parented to us as a container's PID 1: reaped so no zombie stays, else ignored */
+			log_debug("reaped pid %d: not a worker (an orphan)", (int)pid);
 	}
 }
 

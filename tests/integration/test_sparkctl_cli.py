@@ -333,6 +333,58 @@ def test_start_refuses_when_already_running(fake, tmp_path):
     assert r.rc == 1 and f"sparkd is already running (pid 4242) on {d.path}" in r.err, r
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# commands that only talk to the socket read only the socket (issue 9 item 8)
+
+MALFORMED_ENV = "this line is not a variable\nCELERY_WORKER_POOL = gevent\nCELERY_BROKER_URL = nonsense\n"
+
+
+@pytest.mark.parametrize("args", [["status"], ["status", "--json"], ["logs", "-n", "3"], ["stop", "--timeout", "5"],
+                                  ["workers", "status", "--verbose"]])
+def test_socket_commands_warn_on_a_malformed_env_file(fake, tmp_path, args):
+    d = fake()
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    # the socket comes from the file's one good line: the file is read, its bad lines only warned about
+    (cwd / ".env").write_text(MALFORMED_ENV + f"SPARK_SOCKET = {d.path}\n")
+    prog = "automagik-spark" if args[0] == "workers" else "sparkctl"
+    r = run(*args, prog=prog, env={"SPARK_ENV_FILE": None}, cwd=cwd)
+    assert r.rc == 0, r
+    assert len(r.err_lines()) == 1, r
+    assert r.err.startswith(f"{prog}: warning: .env:1: expected KEY=value"), r
+    assert "needs only the socket" in r.err, r
+    method = args[1] if args[0] == "workers" else args[0]
+    assert any(m == method for m, _ in d.requests), d.requests
+    # given the socket by flag or environment, the file is not even read: no warning
+    before = len(d.requests)
+    for extra, env in ((["--socket", d.path], {}), ([], {"SPARK_SOCKET": d.path})):
+        r = run(*extra, *args, prog=prog, env=dict(env, SPARK_ENV_FILE=None), cwd=cwd)
+        assert r.rc == 0 and r.err == "", r
+    assert len(d.requests) > before
+
+
+def test_socket_commands_with_a_malformed_env_file_still_say_not_running(tmp_path):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    sock = tmp_path / "none.sock"
+    (cwd / ".env").write_text(f"SPARK_SOCKET={sock}\n" + MALFORMED_ENV)
+    for args in (["status"], ["logs"], ["stop"]):
+        r = run(*args, env={"SPARK_ENV_FILE": None}, cwd=cwd)
+        assert r.rc == 3, r
+        assert "warning: .env:2: expected KEY=value" in r.err and f"no socket at {sock}" in r.err, r
+    # an env file that cannot be read is a warning too, and the default socket is used
+    r = run("status", env={"SPARK_ENV_FILE": str(tmp_path / "missing.env"), "SPARK_SOCKET": None,
+                           "XDG_RUNTIME_DIR": str(tmp_path / "xdg"), "RUNTIME_DIRECTORY": str(tmp_path / "rt")},
+            cwd=cwd)
+    assert r.rc == 3 and "missing.env" in r.err and str(tmp_path / "rt" / "sparkd.sock") in r.err, r
+    # where the whole configuration is read, the same file is refused before any process starts
+    e = {"SPARK_ENV_FILE": None, "SPARK_LOG_DIR": str(tmp_path / "log")}
+    for prog, pre in (("sparkctl", ["start"]), ("automagik-spark", ["workers", "start"])):
+        r = run(*pre, prog=prog, env=e, cwd=cwd)
+        assert r.rc == 1 and len(r.err_lines()) == 1 and ".env:2: expected KEY=value" in r.err, r
+    assert not sock.exists()
+
+
 @pytest.mark.parametrize("mode,needle", [("garbage", "malformed"), ("huge", "1024 KiB")])
 def test_bad_replies_exit_1(fake, mode, needle):
     d = fake(mode)
