@@ -50,6 +50,8 @@ wf_create(const struct spark_config *cfg, const char *node, int slots, struct ev
 	st->base = base;
 	TAILQ_INIT(&st->jobs);
 	TAILQ_INIT(&st->schema_wait);
+	TAILQ_INIT(&st->claimq);
+	TAILQ_INIT(&st->claims);
 	TAILQ_INIT(&st->recq);
 	TAILQ_INIT(&st->rec_batch);
 	st->nslots = slots > 0 ? slots : 1;
@@ -103,6 +105,7 @@ wf_destroy(struct wf_state *st)
 		j->run->task = NULL;
 		wf_job_free(j);
 	}
+	wf_claim_free_all(st);
 	wf_beat_free(st);
 	pg_unit_release(&st->rec_unit);
 	OPENSSL_cleanse(st->key, sizeof(st->key));

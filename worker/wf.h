@@ -2,7 +2,8 @@
  * The workflow plugin's insides (spark-workflow.so), all on the process's event loop:
  *
  *   wf-state.c    create, destroy, migrate (blocking, one-shot), the Fernet key
- *   workflow.c    one run: claim the row, load the workflow and its source, call it (source.c over http.c)
+ *   workflow.c    one run: its entry points and the source call (source.c over http.c)
+ *   wf-claim.c    the start of runs, grouped: claim their rows, load their workflows and sources
  *   wf-record.c   the end of an attempt: outcome, group-committed row writes, the database-error paths
  *   wf-beat.c     the schema check, the workers row (heartbeat, final write), recovery of dead workers' rows
  *
@@ -27,6 +28,7 @@
 #define WF_ERR_WORKER_LOST   "worker lost"
 #define WF_DEFAULT_INPUT     "Hello World"
 #define WF_BATCH_MAX         256 /* attempts recorded by one group commit */
+#define WF_CLAIM_MAX         256 /* runs claimed by one transaction */
 
 /* The task row as execute_workflow returns it (automagik-spark's Task.to_dict, same key order). */
 #define WF_ROW_JSON                                                                                                    \
@@ -36,20 +38,27 @@
 	" 'updated_at', updated_at, 'started_at', started_at, 'finished_at', finished_at)"
 
 struct wf_job;
+struct wf_claim;
 TAILQ_HEAD(wf_jobq, wf_job);
+TAILQ_HEAD(wf_claimq, wf_claim);
 
-/* Where a run is (workflow.c, wf-record.c). */
+/* Where a run is (workflow.c, wf-claim.c, wf-record.c). */
 enum wf_phase {
 	WF_WAIT_SCHEMA = 0,
-	WF_CLAIM_ROW,      /* BEGIN; the row FOR UPDATE */
-	WF_CLAIM_FINAL,    /* a final row answered again; COMMIT */
-	WF_CLAIM_RESTART,  /* the existing row running again; COMMIT */
-	WF_CLAIM_SCHEDULE, /* no row yet: the schedule FOR UPDATE */
-	WF_CLAIM_NOTHING,  /* missing or completed schedule: COMMIT, null result */
-	WF_CLAIM_INSERT,   /* the new row running; COMMIT */
-	WF_LOAD,           /* the workflow and its source */
-	WF_CALL,           /* the source call */
-	WF_RECORD,         /* the end of the attempt (wf-record.c) */
+	WF_CLAIM,  /* queued for, or in, a claim transaction with its workflow and source (wf-claim.c) */
+	WF_CALL,   /* the source call */
+	WF_RECORD, /* the end of the attempt (wf-record.c) */
+};
+
+/* What the claim decided for a run (wf-claim.c). */
+enum wf_claim_act {
+	WF_ACT_ROW = 0,  /* its row is being read */
+	WF_ACT_SCHEDULE, /* no row: its schedule is being read */
+	WF_ACT_FINAL,    /* a final row: answered again */
+	WF_ACT_REFUSED,  /* not run (claim_text says why) */
+	WF_ACT_NOTHING,  /* missing or completed schedule: a null result */
+	WF_ACT_RESTART,  /* the existing row runs again */
+	WF_ACT_INSERT,   /* a new row runs */
 };
 
 /* How an attempt ends once its row write is committed (wf-record.c). */
@@ -64,7 +73,7 @@ struct wf_job {
 	struct wf_state *st;
 	struct task_run *run;
 	TAILQ_ENTRY(wf_job) entry;  /* st->jobs */
-	TAILQ_ENTRY(wf_job) qentry; /* st->schema_wait, st->recq or st->rec_batch */
+	TAILQ_ENTRY(wf_job) qentry; /* st->schema_wait, st->claimq, a claim, st->recq or st->rec_batch */
 	enum wf_phase phase;
 	bool manual; /* spark.run_task: the row exists already */
 	char schedule_id[37];
@@ -78,6 +87,14 @@ struct wf_job {
 	bool committed; /* ... and its claim committed: may be named in current_task_id */
 	bool claimed;   /* the row is ours and running */
 	struct pg_unit unit;
+
+	/* the claim (wf-claim.c) */
+	enum wf_claim_act act;
+	bool one_time;          /* it completes its one-time schedule */
+	const char *why;        /* a restart's reason in its log line, or NULL */
+	const char *claim_what; /* what the failed claim was doing */
+	char *claim_text;       /* FINAL: the row as JSON; REFUSED: why; INSERT: the input as JSON */
+	int stmt_at, nstmt;     /* its statements in the claim's write step */
 
 	/* the source call */
 	char *remote, *type, *url, *token;
@@ -141,6 +158,12 @@ struct wf_state {
 	bool hb_busy;
 	bool hb_warned; /* one warning per outage, not one per beat */
 
+	/* wf-claim.c: grouped claims */
+	struct wf_jobq claimq;   /* runs waiting for a claim */
+	struct wf_claimq claims; /* claims waiting for a connection or in flight */
+	int nclaims;
+	bool claim_waiting; /* one claim waits for a connection: it takes what is queued when it gets one */
+
 	/* wf-record.c: group commit */
 	struct wf_jobq recq;      /* attempts waiting for the next batch */
 	struct wf_jobq rec_batch; /* the batch in flight */
@@ -168,9 +191,13 @@ void wf_execute_workflow(struct wf_state *st, struct task_run *run);
 void wf_run_task(struct wf_state *st, struct task_run *run);
 void wf_fail(struct task_run *run, enum task_outcome outcome, const char *module, const char *type, const char *fmt,
              ...) __attribute__((format(printf, 5, 6)));
+void wf_call_start(struct wf_job *j); /* after the claim: decrypt the key, call the source */
+void wf_job_end(struct wf_job *j);    /* run->done, and the job is freed */
+void wf_job_free(struct wf_job *j);   /* what the job holds, and the job (not its run) */
+
+/* wf-claim.c */
 void wf_claim_start(struct wf_job *j); /* after the schema check */
-void wf_job_end(struct wf_job *j);     /* run->done, and the job is freed */
-void wf_job_free(struct wf_job *j);    /* what the job holds, and the job (not its run) */
+void wf_claim_free_all(struct wf_state *st);
 
 /* wf-record.c */
 /* End the attempt with a row write (fields rec_* and out_* set by the finish helpers). */
