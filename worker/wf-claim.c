@@ -42,8 +42,7 @@ struct wf_claim {
 	bool solo;    /* given one run at creation (after a failed batch): takes nothing from the queue */
 	bool waiting; /* for a connection: takes what is queued when it gets one */
 	int phase;
-	int commit_at; /* statement indexes in the write step */
-	int load_at;
+	int insert_at, logs_at, commit_at, load_at; /* statement indexes in the write step (-1: not sent) */
 };
 
 static void wf_claim_kick(struct wf_state *st);
@@ -271,14 +270,12 @@ wf_claim_schedule(struct wf_claim *c, struct wf_job *j, const struct pg_unit *u,
 		j->input = xstrdup(WF_DEFAULT_INPUT);
 	}
 	json_t *in = json_string(j->input);
-	char *in_json = in ? json_dumps(in, JSON_ENCODE_ANY) : NULL;
 	json_decref(in);
-	if (!in_json) {
+	if (!in) {
 		j->one_time = false;
 		wf_claim_refuse(j, xasprintf("schedule %s: input is not valid UTF-8", j->schedule_id));
 		return;
 	}
-	j->claim_text = in_json;
 	j->tries = 1;
 	j->act = WF_ACT_INSERT;
 }
@@ -371,41 +368,35 @@ wf_claim_schedules_read(struct wf_claim *c)
 	wf_claim_send_writes(c);
 }
 
-/* The run's writes: the row running (again) and its log line; returns how many statements. */
+/* A restart's row update or a one-time schedule's completion (both rare: one statement each, before the batch's
+ * set statements); returns how many statements. */
 static int
-wf_claim_send_job(struct pg_unit *u, struct wf_job *j)
+wf_claim_send_own(struct pg_unit *u, struct wf_job *j)
 {
-	char id[37];
-	store_uuid4(id);
-	if (j->act == WF_ACT_RESTART) {
-		const char *p[] = {j->row};
+	const char *p[] = {j->act == WF_ACT_RESTART ? j->row : j->schedule_id};
+	if (j->act == WF_ACT_RESTART)
 		pg_send(u,
 		        "UPDATE tasks SET status = 'running', tries = COALESCE(tries, 0) + 1, started_at = now(),"
 		        " finished_at = NULL, next_retry_at = NULL, updated_at = now() WHERE id = $1",
 		        1, p);
-		char *msg =
-		    xasprintf("Task started (attempt %d%s%s)", j->tries, j->why ? ", " : "", j->why ? j->why : "");
-		const char *lp[] = {id, j->row, "info", msg};
-		pg_send(
-		    u, "INSERT INTO task_logs (id, task_id, level, message, created_at) VALUES ($1, $2, $3, $4, now())",
-		    4, lp);
-		free(msg);
-		return 2;
-	}
-	const char *sp[] = {j->schedule_id};
-	if (j->one_time)
-		pg_send(u, "UPDATE schedules SET status = 'completed', updated_at = now() WHERE id = $1", 1, sp);
-	char maxr[16];
-	snprintf(maxr, sizeof(maxr), "%d", j->run->max_retries);
-	const char *ip[] = {j->row, j->workflow_id, j->schedule_id, j->claim_text, maxr};
-	pg_send(u,
-	        "INSERT INTO tasks (id, workflow_id, schedule_id, status, input_data, tries, max_retries, created_at,"
-	        " started_at, updated_at) VALUES ($1, $2, $3, 'running', $4::json, 1, $5, now(), now(), now())",
-	        5, ip);
-	const char *lp[] = {id, j->row, "info", "Task started (attempt 1)"};
-	pg_send(u, "INSERT INTO task_logs (id, task_id, level, message, created_at) VALUES ($1, $2, $3, $4, now())", 4,
-	        lp);
-	return j->one_time ? 3 : 2;
+	else if (j->one_time)
+		pg_send(u, "UPDATE schedules SET status = 'completed', updated_at = now() WHERE id = $1", 1, p);
+	else
+		return 0;
+	return 1;
+}
+
+/* A statement of the write step that reads the batch's rows from a JSON recordset (rows is consumed). */
+static void
+wf_claim_send_set(struct pg_unit *u, const char *sql, json_t *rows)
+{
+	char *doc = json_dumps(rows, JSON_COMPACT);
+	json_decref(rows);
+	if (!doc)
+		fatalx("workflow: out of memory");
+	const char *p[] = {doc};
+	pg_send(u, sql, 1, p);
+	free(doc);
 }
 
 static void
@@ -413,22 +404,54 @@ wf_claim_send_writes(struct wf_claim *c)
 {
 	struct pg_unit *u = &c->unit;
 	c->phase = CLAIM_WRITE;
+	json_t *rows = json_array(), *logs = wf_logs_new();
+	if (!rows)
+		fatalx("workflow: out of memory");
 	const char *own = NULL;
 	int n = 0; /* statements of the step so far */
 	for (struct wf_job *j = TAILQ_FIRST(&c->jobs); j; j = TAILQ_NEXT(j, qentry)) {
 		j->stmt_at = n;
 		j->nstmt = 0;
-		if (wf_claim_act_claims(j->act)) {
-			j->nstmt = wf_claim_send_job(u, j);
-			/* listed in the workers row in the same transaction: recovery never takes it for an orphan */
-			j->current = true;
-			own = own ? own : j->row;
-		}
+		if (!wf_claim_act_claims(j->act))
+			continue;
+		j->nstmt = wf_claim_send_own(u, j);
 		n += j->nstmt;
+		if (j->act == WF_ACT_INSERT) {
+			json_t *o = json_pack("{s:s, s:s, s:s, s:s, s:i}", "rid", j->row, "wid", j->workflow_id, "sid",
+			                      j->schedule_id, "input", j->input, "maxr", j->run->max_retries);
+			if (!o || json_array_append_new(rows, o) != 0)
+				fatalx("workflow: out of memory");
+			wf_logs_add(logs, j->row, "info", "Task started (attempt 1)");
+		} else {
+			char *msg = xasprintf("Task started (attempt %d%s%s)", j->tries, j->why ? ", " : "",
+			                      j->why ? j->why : "");
+			wf_logs_add(logs, j->row, "info", msg);
+			free(msg);
+		}
+		/* listed in the workers row in the same transaction: recovery never takes it for an orphan */
+		j->current = true;
+		own = own ? own : j->row;
+	}
+	c->insert_at = c->logs_at = -1;
+	if (json_array_size(rows) > 0) {
+		c->insert_at = n++;
+		wf_claim_send_set(
+		    u,
+		    "INSERT INTO tasks (id, workflow_id, schedule_id, status, input_data, tries, max_retries,"
+		    " created_at, started_at, updated_at) SELECT rid, wid, sid, 'running', input, 1, maxr,"
+		    " now(), now(), now() FROM json_to_recordset($1::json) AS v(rid uuid, wid uuid, sid uuid,"
+		    " input json, maxr int)",
+		    rows);
+	} else {
+		json_decref(rows);
 	}
 	if (own) {
+		c->logs_at = n++;
+		wf_logs_send(u, logs);
 		wf_send_worker_upsert(c->st, u, true, own);
 		n++;
+	} else {
+		json_decref(logs);
 	}
 	c->commit_at = n++;
 	pg_send(u, "COMMIT", 0, NULL);
@@ -461,11 +484,11 @@ wf_claim_what(const struct wf_claim *c, const struct wf_job *j, int failed_at)
 		return "claiming the task row";
 	switch (j->act) {
 	case WF_ACT_INSERT:
-		if (failed_at >= j->stmt_at + j->nstmt)
-			return "starting the task row"; /* the workers row or the COMMIT */
-		if (j->one_time && failed_at == j->stmt_at)
+		if (j->one_time && failed_at >= j->stmt_at && failed_at < j->stmt_at + j->nstmt)
 			return "completing the one-time schedule";
-		return "creating the task row";
+		if (failed_at < 0 || failed_at == c->insert_at || failed_at == c->logs_at)
+			return "creating the task row";
+		return "starting the task row"; /* the workers row or the COMMIT */
 	case WF_ACT_RESTART:
 		return "starting the task row";
 	case WF_ACT_NOTHING:

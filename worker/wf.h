@@ -93,8 +93,8 @@ struct wf_job {
 	bool one_time;          /* it completes its one-time schedule */
 	const char *why;        /* a restart's reason in its log line, or NULL */
 	const char *claim_what; /* what the failed claim was doing */
-	char *claim_text;       /* FINAL: the row as JSON; REFUSED: why; INSERT: the input as JSON */
-	int stmt_at, nstmt;     /* its statements in the claim's write step */
+	char *claim_text;       /* FINAL: the row as JSON; REFUSED: why */
+	int stmt_at, nstmt;     /* its own statements in the claim's write step */
 
 	/* the source call */
 	char *remote, *type, *url, *token;
@@ -106,7 +106,7 @@ struct wf_job {
 	/* the row write of the attempt's end */
 	enum wf_end end;
 	const char *rec_status; /* completed, failed, pending */
-	char *rec_output;       /* output_data as JSON, or NULL */
+	json_t *rec_output;     /* output_data (a JSON string), or NULL */
 	char *rec_error;        /* error column, or NULL */
 	double rec_retry_in;
 	const char *rec_level;
@@ -210,6 +210,10 @@ void wf_finish_cancelled(struct wf_job *j);
  * marked failed when it is ours). Ends the job. */
 void wf_db_error(struct wf_job *j, const char *what, bool lost);
 void wf_record_free(struct wf_job *j);
+/* task_logs lines gathered in a JSON array, then sent as one statement of u's step (logs is consumed). */
+json_t *wf_logs_new(void);
+void wf_logs_add(json_t *logs, const char *task_row, const char *level, const char *msg);
+void wf_logs_send(struct pg_unit *u, json_t *logs);
 
 /* wf-beat.c */
 void wf_schema_need(struct wf_job *j); /* claim once the schema is known to be there */
