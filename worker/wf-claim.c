@@ -34,13 +34,8 @@
 enum { CLAIM_ROWS = 1, CLAIM_SCHEDULES, CLAIM_WRITE };
 
 struct wf_claim {
-	struct wf_state *st;
-	TAILQ_ENTRY(wf_claim) entry; /* st->claims */
-	struct pg_unit unit;
-	struct wf_jobq jobs; /* linked by qentry, in arrival order */
-	int njobs;
-	bool solo;    /* given one run at creation (after a failed batch): takes nothing from the queue */
-	bool waiting; /* for a connection: takes what is queued when it gets one */
+	struct wf_batch b; /* in st->claims */
+	bool solo;         /* given one run at creation (after a failed batch): takes nothing from the queue */
 	int phase;
 	int insert_at, logs_at, commit_at, load_at; /* statement indexes in the write step (-1: not sent) */
 };
@@ -51,35 +46,11 @@ static void wf_claim_step(struct pg_unit *u);
 /* ---- batches ---- */
 
 static struct wf_claim *
-wf_claim_new(struct wf_state *st)
+wf_claim_new(struct wf_state *st, bool waiting)
 {
 	struct wf_claim *c = xcalloc(1, sizeof(*c));
-	c->st = st;
-	TAILQ_INIT(&c->jobs);
-	TAILQ_INSERT_TAIL(&st->claims, c, entry);
-	st->nclaims++;
+	wf_batch_add(st, &st->claims, &c->b, waiting);
 	return c;
-}
-
-/* The batch is over: its runs are in the caller's hands (moved to a list of its own). */
-static void
-wf_claim_free(struct wf_claim *c)
-{
-	struct wf_state *st = c->st;
-	if (c->waiting)
-		st->claim_waiting = false;
-	TAILQ_REMOVE(&st->claims, c, entry);
-	st->nclaims--;
-	pg_unit_release(&c->unit);
-	free(c);
-}
-
-void
-wf_claim_free_all(struct wf_state *st)
-{
-	struct wf_claim *c;
-	while ((c = TAILQ_FIRST(&st->claims)))
-		wf_claim_free(c);
 }
 
 /* A run joins the batch with nothing decided yet (again, after a failed batch). */
@@ -95,14 +66,14 @@ wf_claim_add(struct wf_claim *c, struct wf_job *j)
 	free(j->claim_text);
 	j->error = j->claim_text = NULL;
 	j->stmt_at = j->nstmt = 0;
-	TAILQ_INSERT_TAIL(&c->jobs, j, qentry);
-	c->njobs++;
+	TAILQ_INSERT_TAIL(&c->b.jobs, j, qentry);
+	c->b.njobs++;
 }
 
 static bool
 wf_claim_holds_row(const struct wf_claim *c, const char *row)
 {
-	for (const struct wf_job *j = TAILQ_FIRST(&c->jobs); j; j = TAILQ_NEXT(j, qentry))
+	for (const struct wf_job *j = TAILQ_FIRST(&c->b.jobs); j; j = TAILQ_NEXT(j, qentry))
 		if (strcmp(j->row, row) == 0)
 			return true;
 	return false;
@@ -112,11 +83,11 @@ static void
 wf_claim_take(struct wf_claim *c)
 {
 	struct wf_job *j, *next;
-	for (j = TAILQ_FIRST(&c->st->claimq); j && c->njobs < WF_CLAIM_MAX; j = next) {
+	for (j = TAILQ_FIRST(&c->b.st->claimq); j && c->b.njobs < WF_CLAIM_MAX; j = next) {
 		next = TAILQ_NEXT(j, qentry);
 		if (wf_claim_holds_row(c, j->row))
 			continue;
-		TAILQ_REMOVE(&c->st->claimq, j, qentry);
+		TAILQ_REMOVE(&c->b.st->claimq, j, qentry);
 		wf_claim_add(c, j);
 	}
 }
@@ -126,11 +97,11 @@ static void
 wf_claim_drain(struct wf_claim *c, struct wf_jobq *out)
 {
 	struct wf_job *j;
-	while ((j = TAILQ_FIRST(&c->jobs))) {
-		TAILQ_REMOVE(&c->jobs, j, qentry);
+	while ((j = TAILQ_FIRST(&c->b.jobs))) {
+		TAILQ_REMOVE(&c->b.jobs, j, qentry);
 		TAILQ_INSERT_TAIL(out, j, qentry);
 	}
-	c->njobs = 0;
+	c->b.njobs = 0;
 }
 
 /* A PostgreSQL array literal of the batch's row ids, or of the schedule ids of runs without a row, or of the
@@ -138,10 +109,10 @@ wf_claim_drain(struct wf_claim *c, struct wf_jobq *out)
 static char *
 wf_claim_ids(const struct wf_claim *c, enum wf_claim_act want)
 {
-	size_t cap = 3 + (size_t)c->njobs * 37, len = 0;
+	size_t cap = 3 + (size_t)c->b.njobs * 37, len = 0;
 	char *s = xmalloc(cap);
 	s[len++] = '{';
-	for (const struct wf_job *j = TAILQ_FIRST(&c->jobs); j; j = TAILQ_NEXT(j, qentry)) {
+	for (const struct wf_job *j = TAILQ_FIRST(&c->b.jobs); j; j = TAILQ_NEXT(j, qentry)) {
 		const char *id = want == WF_ACT_ROW        ? j->row
 		                 : want == WF_ACT_SCHEDULE ? j->schedule_id
 		                                           : j->workflow_id;
@@ -165,121 +136,6 @@ wf_claim_act_claims(enum wf_claim_act a)
 	return a == WF_ACT_RESTART || a == WF_ACT_INSERT;
 }
 
-/* ---- decisions ---- */
-
-static void
-wf_claim_refuse(struct wf_job *j, char *msg)
-{
-	j->act = WF_ACT_REFUSED;
-	j->claim_text = msg;
-}
-
-/* Input text from a JSON value the way automagik-spark reads it: a string as is, {"value": x} -> x, else JSON. */
-static char *
-wf_input_text(const json_t *v)
-{
-	if (json_is_object(v) && json_object_get(v, "value"))
-		v = json_object_get(v, "value");
-	if (!v || json_is_null(v))
-		return xstrdup("");
-	if (json_is_string(v))
-		return xstrdup(json_string_value(v));
-	char *s = json_dumps(v, JSON_COMPACT | JSON_ENCODE_ANY);
-	if (!s)
-		fatalx("workflow: out of memory");
-	return s;
-}
-
-/* The existing row (tuple r of statement 1: id, status, error, workflow_id, input_data, tries, the row as JSON)
- * decides: final rows are answered again (a redelivered message), others run again. */
-static void
-wf_claim_existing(struct wf_job *j, const struct pg_unit *u, int r)
-{
-	struct task_run *run = j->run;
-	const char *v = pg_value(u, 1, r, 1);
-	spark_strlcpy(j->status, v ? v : "", sizeof(j->status));
-	j->error = (v = pg_value(u, 1, r, 2)) ? xstrdup(v) : NULL;
-	const char *status = j->status, *error = j->error;
-	if (strcmp(status, "completed") == 0 ||
-	    (strcmp(status, "failed") == 0 && (!error || strcmp(error, WF_ERR_WORKER_LOST) != 0))) {
-		j->act = WF_ACT_FINAL;
-		j->claim_text = (v = pg_value(u, 1, r, 6)) ? xstrdup(v) : NULL;
-		return;
-	}
-	if (j->manual && strcmp(status, "running") == 0 && run->retries == 0 && !run->redelivered) {
-		/* a second run_task for a row another worker is running: never run it twice at once */
-		wf_claim_refuse(j, xasprintf("Task %s is already running", j->row));
-		return;
-	}
-	j->why = strcmp(status, "running") == 0 || (error && strcmp(error, WF_ERR_WORKER_LOST) == 0)
-	             ? "after a lost worker"
-	         : strcmp(status, "pending") == 0 && run->retries > 0 ? "retry"
-	                                                              : NULL;
-	v = pg_value(u, 1, r, 3);
-	spark_strlcpy(j->workflow_id, v ? v : "", sizeof(j->workflow_id));
-	v = pg_value(u, 1, r, 4);
-	json_t *in = v ? json_loads(v, JSON_DECODE_ANY, NULL) : NULL;
-	free(j->input);
-	j->input = wf_input_text(in);
-	json_decref(in);
-	v = pg_value(u, 1, r, 5);
-	j->tries = (v ? atoi(v) : 0) + 1; /* the row is locked: the UPDATE's COALESCE(tries, 0) + 1 */
-	j->act = WF_ACT_RESTART;
-}
-
-/* An earlier run of this batch starts the one-time schedule: it is completed for the others. */
-static bool
-wf_claim_one_time_taken(const struct wf_claim *c, const struct wf_job *j)
-{
-	for (const struct wf_job *o = TAILQ_FIRST(&c->jobs); o && o != j; o = TAILQ_NEXT(o, qentry))
-		if (o->act == WF_ACT_INSERT && o->one_time && strcasecmp(o->schedule_id, j->schedule_id) == 0)
-			return true;
-	return false;
-}
-
-/* The schedule (tuple r of statement 0: id, workflow_id, schedule_type, status, params, input_data; -1: none)
- * says what to run. */
-static void
-wf_claim_schedule(struct wf_claim *c, struct wf_job *j, const struct pg_unit *u, int r)
-{
-	const char *status = r >= 0 ? pg_value(u, 0, r, 3) : NULL;
-	bool taken = r >= 0 && wf_claim_one_time_taken(c, j);
-	if (r < 0 || taken || (status && strcmp(status, "completed") == 0)) {
-		log_info("task %s: schedule %s is %s: nothing to run", j->run->task_id, j->schedule_id,
-		         r < 0 ? "missing" : "completed");
-		j->act = WF_ACT_NOTHING;
-		return;
-	}
-	const char *v = pg_value(u, 0, r, 1);
-	spark_strlcpy(j->workflow_id, v ? v : "", sizeof(j->workflow_id));
-	v = pg_value(u, 0, r, 2);
-	j->one_time = v && strcmp(v, "one-time") == 0;
-	/* input: params["value"], else input_data, else "Hello World" (empty counts as absent, as in Python) */
-	v = pg_value(u, 0, r, 4);
-	json_t *params = v ? json_loads(v, JSON_DECODE_ANY, NULL) : NULL;
-	json_t *value = json_is_object(params) ? json_object_get(params, "value") : NULL;
-	free(j->input);
-	j->input = value ? wf_input_text(value) : xstrdup("");
-	json_decref(params);
-	if (!*j->input && (v = pg_value(u, 0, r, 5))) {
-		free(j->input);
-		j->input = xstrdup(v);
-	}
-	if (!*j->input) {
-		free(j->input);
-		j->input = xstrdup(WF_DEFAULT_INPUT);
-	}
-	json_t *in = json_string(j->input);
-	json_decref(in);
-	if (!in) {
-		j->one_time = false;
-		wf_claim_refuse(j, xasprintf("schedule %s: input is not valid UTF-8", j->schedule_id));
-		return;
-	}
-	j->tries = 1;
-	j->act = WF_ACT_INSERT;
-}
-
 /* ---- the steps ---- */
 
 static void wf_claim_send_writes(struct wf_claim *c);
@@ -288,17 +144,16 @@ static void
 wf_claim_send_rows(struct pg_unit *u)
 {
 	struct wf_claim *c = u->arg;
-	struct wf_state *st = c->st;
-	if (c->waiting) {
-		c->waiting = false;
-		st->claim_waiting = false;
+	struct wf_state *st = c->b.st;
+	if (c->b.waiting) {
+		wf_batch_attached(&c->b);
 		wf_claim_take(c);
 		wf_claim_kick(st); /* more were queued than one batch takes */
 	}
-	if (c->njobs == 0) {
+	if (c->b.njobs == 0) {
 		/* another batch took them */
 		pg_end(u);
-		wf_claim_free(c);
+		wf_batch_free(&c->b);
 		return;
 	}
 	c->phase = CLAIM_ROWS;
@@ -316,9 +171,9 @@ wf_claim_send_rows(struct pg_unit *u)
 static void
 wf_claim_rows_read(struct wf_claim *c)
 {
-	struct pg_unit *u = &c->unit;
+	struct pg_unit *u = &c->b.unit;
 	struct wf_job *j;
-	for (j = TAILQ_FIRST(&c->jobs); j; j = TAILQ_NEXT(j, qentry)) {
+	for (j = TAILQ_FIRST(&c->b.jobs); j; j = TAILQ_NEXT(j, qentry)) {
 		int r, n = pg_ntuples(u, 1);
 		for (r = 0; r < n; r++) {
 			const char *id = pg_value(u, 1, r, 0);
@@ -332,7 +187,7 @@ wf_claim_rows_read(struct wf_claim *c)
 		else
 			j->act = WF_ACT_SCHEDULE;
 	}
-	for (j = TAILQ_FIRST(&c->jobs); j; j = TAILQ_NEXT(j, qentry))
+	for (j = TAILQ_FIRST(&c->b.jobs); j; j = TAILQ_NEXT(j, qentry))
 		if (j->act == WF_ACT_SCHEDULE)
 			break;
 	if (!j) {
@@ -353,8 +208,8 @@ wf_claim_rows_read(struct wf_claim *c)
 static void
 wf_claim_schedules_read(struct wf_claim *c)
 {
-	struct pg_unit *u = &c->unit;
-	for (struct wf_job *j = TAILQ_FIRST(&c->jobs); j; j = TAILQ_NEXT(j, qentry)) {
+	struct pg_unit *u = &c->b.unit;
+	for (struct wf_job *j = TAILQ_FIRST(&c->b.jobs); j; j = TAILQ_NEXT(j, qentry)) {
 		if (j->act != WF_ACT_SCHEDULE)
 			continue;
 		int r, n = pg_ntuples(u, 0);
@@ -363,7 +218,7 @@ wf_claim_schedules_read(struct wf_claim *c)
 			if (id && strcasecmp(id, j->schedule_id) == 0)
 				break;
 		}
-		wf_claim_schedule(c, j, u, r < n ? r : -1);
+		wf_claim_schedule(j, u, r < n ? r : -1);
 	}
 	wf_claim_send_writes(c);
 }
@@ -402,14 +257,14 @@ wf_claim_send_set(struct pg_unit *u, const char *sql, json_t *rows)
 static void
 wf_claim_send_writes(struct wf_claim *c)
 {
-	struct pg_unit *u = &c->unit;
+	struct pg_unit *u = &c->b.unit;
 	c->phase = CLAIM_WRITE;
 	json_t *rows = json_array(), *logs = wf_logs_new();
 	if (!rows)
 		fatalx("workflow: out of memory");
 	const char *own = NULL;
 	int n = 0; /* statements of the step so far */
-	for (struct wf_job *j = TAILQ_FIRST(&c->jobs); j; j = TAILQ_NEXT(j, qentry)) {
+	for (struct wf_job *j = TAILQ_FIRST(&c->b.jobs); j; j = TAILQ_NEXT(j, qentry)) {
 		j->stmt_at = n;
 		j->nstmt = 0;
 		if (!wf_claim_act_claims(j->act))
@@ -448,7 +303,7 @@ wf_claim_send_writes(struct wf_claim *c)
 	if (own) {
 		c->logs_at = n++;
 		wf_logs_send(u, logs);
-		wf_send_worker_upsert(c->st, u, true, own);
+		wf_send_worker_upsert(c->b.st, u, true, own);
 		n++;
 	} else {
 		json_decref(logs);
@@ -503,32 +358,32 @@ wf_claim_what(const struct wf_claim *c, const struct wf_job *j, int failed_at)
 static void
 wf_claim_failed(struct wf_claim *c)
 {
-	struct wf_state *st = c->st;
-	struct pg_unit *u = &c->unit;
-	bool attached = !c->waiting, lost = u->lost;
-	bool again = attached && !u->conn_lost && u->failed_at >= 0 && c->njobs > 1;
+	struct wf_state *st = c->b.st;
+	struct pg_unit *u = &c->b.unit;
+	bool attached = !c->b.waiting, lost = u->lost;
+	bool again = attached && !u->conn_lost && u->failed_at >= 0 && c->b.njobs > 1;
 	char err[sizeof(u->err)];
 	spark_strlcpy(err, u->err, sizeof(err));
 	if (!attached)
 		wf_claim_take(c); /* no connection came: the database is unreachable for the runs waiting */
 	struct wf_jobq runs = TAILQ_HEAD_INITIALIZER(runs);
-	for (struct wf_job *j = TAILQ_FIRST(&c->jobs); j; j = TAILQ_NEXT(j, qentry)) {
+	for (struct wf_job *j = TAILQ_FIRST(&c->b.jobs); j; j = TAILQ_NEXT(j, qentry)) {
 		j->current = false;
 		j->claim_what = wf_claim_what(c, j, u->failed_at);
 	}
 	wf_claim_drain(c, &runs);
 	pg_end(u);
-	wf_claim_free(c);
+	wf_batch_free(&c->b);
 	if (again)
 		log_warnx("database: a claim of several runs failed (%s): claiming them one by one", err);
 	struct wf_job *j;
 	while ((j = TAILQ_FIRST(&runs))) {
 		TAILQ_REMOVE(&runs, j, qentry);
 		if (again) {
-			struct wf_claim *one = wf_claim_new(st);
+			struct wf_claim *one = wf_claim_new(st, false);
 			one->solo = true;
 			wf_claim_add(one, j);
-			pgpool_run(&st->pool, &one->unit, wf_claim_send_rows, wf_claim_step, one, 1);
+			pgpool_run(&st->pool, &one->b.unit, wf_claim_send_rows, wf_claim_step, one, 1);
 			continue;
 		}
 		spark_strlcpy(j->err, err, sizeof(j->err));
@@ -536,39 +391,12 @@ wf_claim_failed(struct wf_claim *c)
 	}
 }
 
-/* A run the claim answered without running it. */
-static void
-wf_claim_answer(struct wf_job *j)
-{
-	struct task_run *run = j->run;
-	switch (j->act) {
-	case WF_ACT_FINAL:
-		if (strcmp(j->status, "completed") == 0) {
-			run->outcome = TASK_SUCCESS;
-			run->result = j->claim_text ? json_loads(j->claim_text, 0, NULL) : NULL;
-		} else if (j->manual && run->retries == 0 && !run->redelivered) {
-			wf_fail(run, TASK_FAILURE, "builtins", "ValueError", "Task %s is failed, not pending", j->row);
-		} else {
-			wf_fail(run, TASK_FAILURE, "builtins", "RuntimeError", "%s", j->error ? j->error : "failed");
-		}
-		break;
-	case WF_ACT_REFUSED:
-		wf_fail(run, TASK_FAILURE, "builtins", "ValueError", "%s", j->claim_text);
-		break;
-	default: /* WF_ACT_NOTHING */
-		run->outcome = TASK_SUCCESS;
-		run->result = NULL;
-		break;
-	}
-	wf_job_end(j);
-}
-
 /* The write step came back: the claims committed (a failed load after the COMMIT fails the runs it served). */
 static void
 wf_claim_written(struct wf_claim *c)
 {
-	struct wf_state *st = c->st;
-	struct pg_unit *u = &c->unit;
+	struct wf_state *st = c->b.st;
+	struct pg_unit *u = &c->b.unit;
 	if (!u->ok && (u->conn_lost || u->failed_at <= c->commit_at)) {
 		wf_claim_failed(c);
 		return;
@@ -577,7 +405,7 @@ wf_claim_written(struct wf_claim *c)
 	char err[sizeof(u->err)];
 	spark_strlcpy(err, u->err, sizeof(err));
 	struct wf_job *j;
-	for (j = TAILQ_FIRST(&c->jobs); j && loaded; j = TAILQ_NEXT(j, qentry)) {
+	for (j = TAILQ_FIRST(&c->b.jobs); j && loaded; j = TAILQ_NEXT(j, qentry)) {
 		if (!wf_claim_act_claims(j->act))
 			continue;
 		int r, n = pg_ntuples(u, c->load_at);
@@ -599,7 +427,7 @@ wf_claim_written(struct wf_claim *c)
 	struct wf_jobq runs = TAILQ_HEAD_INITIALIZER(runs);
 	wf_claim_drain(c, &runs);
 	pg_end(u);
-	wf_claim_free(c);
+	wf_batch_free(&c->b);
 	while ((j = TAILQ_FIRST(&runs))) {
 		TAILQ_REMOVE(&runs, j, qentry);
 		if (!wf_claim_act_claims(j->act)) {
@@ -635,7 +463,7 @@ static void
 wf_claim_step(struct pg_unit *u)
 {
 	struct wf_claim *c = u->arg;
-	struct wf_state *st = c->st;
+	struct wf_state *st = c->b.st;
 	if (!u->ok && c->phase != CLAIM_WRITE) {
 		wf_claim_failed(c);
 		wf_claim_kick(st);
@@ -649,19 +477,17 @@ wf_claim_step(struct pg_unit *u)
 		wf_claim_written(c);
 }
 
-/* A batch waits for a connection while fewer than the pool's size minus one are out (one connection stays for
- * the records and the heartbeat); the one waiting takes every run queued by the time it gets its connection. */
+/* A batch waits for a connection while fewer than half the pool's connections hold claims (the records have
+ * the other half); the one waiting takes every run queued by the time it gets its connection. */
 static void
 wf_claim_kick(struct wf_state *st)
 {
-	int most = st->pool.size > 1 ? st->pool.size - 1 : 1;
-	if (st->claim_waiting || TAILQ_EMPTY(&st->claimq) || st->nclaims >= most)
+	int most = st->pool.size > 1 ? st->pool.size / 2 : 1;
+	if (st->claims.waiting || TAILQ_EMPTY(&st->claimq) || st->claims.n >= most)
 		return;
-	struct wf_claim *c = wf_claim_new(st);
-	c->waiting = true;
-	st->claim_waiting = true;
+	struct wf_claim *c = wf_claim_new(st, true);
 	/* BEGIN and locking reads: safe to send again on a fresh connection */
-	pgpool_run(&st->pool, &c->unit, wf_claim_send_rows, wf_claim_step, c, 1);
+	pgpool_run(&st->pool, &c->b.unit, wf_claim_send_rows, wf_claim_step, c, 1);
 }
 
 void

@@ -2,11 +2,11 @@
  * The end of an attempt: its row transition, task_logs line and workers-row update, committed before the
  * outcome goes to the engine.
  *
- * Group commit: attempts that end while a batch is in flight wait in st->recq; the next batch takes them all
- * (up to WF_BATCH_MAX) as one transaction on one connection: BEGIN, one UPDATE of all their rows and one INSERT
- * of all their log lines (each reads the batch from a JSON parameter with json_to_recordset: one statement per
- * attempt cost the server a parse and a plan each, three times the work of the rows), one workers-row update,
- * COMMIT, pipelined in one round trip (synchronous_commit as the server sets it, so one WAL flush serves the
+ * Group commit: attempts that end wait in st->recq; the next batch takes them all (up to WF_BATCH_MAX, and up
+ * to half the pool's connections hold batches at once) as one transaction on one connection: BEGIN, one UPDATE of all
+ * their rows and one INSERT of all their log lines (each reads the batch from a JSON parameter with json_to_recordset:
+ * one statement per attempt cost the server a parse and a plan each, three times the work of the rows), one workers-row
+ * update, COMMIT, pipelined in one round trip (synchronous_commit as the server sets it, so one WAL flush serves the
  * whole batch). A batch that fails on a statement (not on the connection) is written
  * again attempt by attempt, so one bad row never costs the others their record. A batch whose connection was
  * lost may or may not have committed: each attempt defers (its message comes back and finds the row), as a
@@ -22,6 +22,17 @@
 #include "wf.h"
 
 static void wf_rec_kick(struct wf_state *st);
+
+/* Up to WF_BATCH_MAX queued attempts join the batch. */
+static void
+wf_rec_take(struct wf_batch *b)
+{
+	struct wf_job *j;
+	for (int n = 0; n < WF_BATCH_MAX && (j = TAILQ_FIRST(&b->st->recq)); n++) {
+		TAILQ_REMOVE(&b->st->recq, j, qentry);
+		TAILQ_INSERT_TAIL(&b->jobs, j, qentry);
+	}
+}
 
 void
 wf_record_free(struct wf_job *j)
@@ -242,14 +253,21 @@ wf_rec_row(const struct wf_job *j)
 static void
 wf_rec_batch_send(struct pg_unit *u)
 {
-	struct wf_state *st = u->arg;
+	struct wf_batch *b = u->arg;
+	struct wf_state *st = b->st;
+	wf_batch_attached(b);
+	wf_rec_take(b);
+	if (TAILQ_EMPTY(&b->jobs)) {
+		/* another batch took them */
+		pg_end(u);
+		wf_batch_free(b);
+		return;
+	}
+	wf_rec_kick(st); /* more were queued than one batch takes */
 	json_t *rows = json_array(), *logs = wf_logs_new();
 	if (!rows)
 		fatalx("workflow: out of memory");
-	struct wf_job *j;
-	for (int n = 0; n < WF_BATCH_MAX && (j = TAILQ_FIRST(&st->recq)); n++) {
-		TAILQ_REMOVE(&st->recq, j, qentry);
-		TAILQ_INSERT_TAIL(&st->rec_batch, j, qentry);
+	for (struct wf_job *j = TAILQ_FIRST(&b->jobs); j; j = TAILQ_NEXT(j, qentry)) {
 		if (json_array_append_new(rows, wf_rec_row(j)) != 0)
 			fatalx("workflow: out of memory");
 		wf_logs_add(logs, j->row, j->rec_level, j->rec_msg);
@@ -278,19 +296,15 @@ wf_rec_batch_send(struct pg_unit *u)
 static void
 wf_rec_batch_done(struct pg_unit *u)
 {
-	struct wf_state *st = u->arg;
+	struct wf_batch *b = u->arg;
+	struct wf_state *st = b->st;
 	struct wf_jobq batch = TAILQ_HEAD_INITIALIZER(batch);
 	struct wf_job *j;
-	bool attached = !TAILQ_EMPTY(&st->rec_batch);
-	if (!attached) {
-		/* no connection came: the database is unreachable for every attempt waiting */
-		for (int n = 0; n < WF_BATCH_MAX && (j = TAILQ_FIRST(&st->recq)); n++) {
-			TAILQ_REMOVE(&st->recq, j, qentry);
-			TAILQ_INSERT_TAIL(&batch, j, qentry);
-		}
-	}
-	while ((j = TAILQ_FIRST(&st->rec_batch))) {
-		TAILQ_REMOVE(&st->rec_batch, j, qentry);
+	bool attached = !b->waiting;
+	if (!attached)
+		wf_rec_take(b); /* no connection came: the database is unreachable for every attempt waiting */
+	while ((j = TAILQ_FIRST(&b->jobs))) {
+		TAILQ_REMOVE(&b->jobs, j, qentry);
 		TAILQ_INSERT_TAIL(&batch, j, qentry);
 	}
 	int k = 0, n = u->ok ? pg_ntuples(u, 1) : 0; /* BEGIN, then the UPDATE: (id, row) per row updated */
@@ -308,7 +322,7 @@ wf_rec_batch_done(struct pg_unit *u)
 	char err[sizeof(u->err)];
 	spark_strlcpy(err, u->err, sizeof(err));
 	pg_end(u);
-	st->rec_busy = false;
+	wf_batch_free(b);
 	if (!ok && !conn_lost)
 		log_warnx("database: group commit of %d rows failed (%s): writing them one by one", k, err);
 	while ((j = TAILQ_FIRST(&batch))) {
@@ -325,13 +339,17 @@ wf_rec_batch_done(struct pg_unit *u)
 	wf_rec_kick(st);
 }
 
+/* Half the pool's connections may hold group commits at once (the claims have the other half): the rows of
+ * a thousand calls ending together are written on two connections, not queued behind one. */
 static void
 wf_rec_kick(struct wf_state *st)
 {
-	if (st->rec_busy || TAILQ_EMPTY(&st->recq))
+	if (st->recs.waiting || TAILQ_EMPTY(&st->recq) || st->recs.n >= (st->pool.size > 1 ? st->pool.size / 2 : 1))
 		return;
-	st->rec_busy = true;
-	pgpool_run(&st->pool, &st->rec_unit, wf_rec_batch_send, wf_rec_batch_done, st, 0);
+	struct wf_batch *b = xcalloc(1, sizeof(*b));
+	wf_batch_add(st, &st->recs, b, true);
+	/* not sent again on a fresh connection: it holds a COMMIT */
+	pgpool_run(&st->pool, &b->unit, wf_rec_batch_send, wf_rec_batch_done, b, 0);
 }
 
 /* ---- the ends of an attempt ---- */

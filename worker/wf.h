@@ -38,9 +38,27 @@
 	" 'updated_at', updated_at, 'started_at', started_at, 'finished_at', finished_at)"
 
 struct wf_job;
-struct wf_claim;
 TAILQ_HEAD(wf_jobq, wf_job);
-TAILQ_HEAD(wf_claimq, wf_claim);
+
+/* A group of runs on one pool unit: a claim (wf-claim.c) or a group commit (wf-record.c); the first member of
+ * what holds it. */
+struct wf_batch {
+	struct wf_state *st;
+	struct wf_batches *set;
+	TAILQ_ENTRY(wf_batch) entry;
+	struct pg_unit unit;
+	struct wf_jobq jobs; /* linked by qentry, in arrival order */
+	int njobs;
+	bool waiting; /* for a connection: takes what is queued when it gets one */
+};
+TAILQ_HEAD(wf_batchq, wf_batch);
+
+/* The batches of one kind, waiting for a connection (at most one) or in flight. */
+struct wf_batches {
+	struct wf_batchq q;
+	int n;
+	bool waiting;
+};
 
 /* Where a run is (workflow.c, wf-claim.c, wf-record.c). */
 enum wf_phase {
@@ -73,7 +91,7 @@ struct wf_job {
 	struct wf_state *st;
 	struct task_run *run;
 	TAILQ_ENTRY(wf_job) entry;  /* st->jobs */
-	TAILQ_ENTRY(wf_job) qentry; /* st->schema_wait, st->claimq, a claim, st->recq or st->rec_batch */
+	TAILQ_ENTRY(wf_job) qentry; /* st->schema_wait, st->claimq, a claim, st->recq or a record */
 	enum wf_phase phase;
 	bool manual; /* spark.run_task: the row exists already */
 	char schedule_id[37];
@@ -159,16 +177,12 @@ struct wf_state {
 	bool hb_warned; /* one warning per outage, not one per beat */
 
 	/* wf-claim.c: grouped claims */
-	struct wf_jobq claimq;   /* runs waiting for a claim */
-	struct wf_claimq claims; /* claims waiting for a connection or in flight */
-	int nclaims;
-	bool claim_waiting; /* one claim waits for a connection: it takes what is queued when it gets one */
+	struct wf_jobq claimq; /* runs waiting for a claim */
+	struct wf_batches claims;
 
 	/* wf-record.c: group commit */
-	struct wf_jobq recq;      /* attempts waiting for the next batch */
-	struct wf_jobq rec_batch; /* the batch in flight */
-	struct pg_unit rec_unit;
-	bool rec_busy;
+	struct wf_jobq recq; /* attempts waiting for the next batch */
+	struct wf_batches recs;
 
 	/* wf-beat.c: shutdown */
 	bool stopping;
@@ -185,6 +199,11 @@ struct wf_state {
 struct wf_state *wf_create(const struct spark_config *cfg, const char *node, int slots, struct event_base *base);
 void wf_destroy(struct wf_state *st);
 int wf_migrate(const struct spark_config *cfg);
+/* b (zeroed, the first member of an allocation) joins set; its end takes it out and frees the allocation */
+void wf_batch_add(struct wf_state *st, struct wf_batches *set, struct wf_batch *b, bool waiting);
+void wf_batch_attached(struct wf_batch *b); /* it has its connection: no longer the one waiting */
+void wf_batch_free(struct wf_batch *b);
+void wf_batches_free(struct wf_batches *set);
 
 /* workflow.c */
 void wf_execute_workflow(struct wf_state *st, struct task_run *run);
@@ -197,7 +216,15 @@ void wf_job_free(struct wf_job *j);   /* what the job holds, and the job (not it
 
 /* wf-claim.c */
 void wf_claim_start(struct wf_job *j); /* after the schema check */
-void wf_claim_free_all(struct wf_state *st);
+
+/* wf-claim-row.c: a run's decision in its claim (j->act and what goes with it) */
+/* from its row: tuple r of the rows read (id, status, error, workflow_id, input_data, tries, the row as JSON) */
+void wf_claim_existing(struct wf_job *j, const struct pg_unit *u, int r);
+/* from its schedule: tuple r of statement 0 (id, workflow_id, schedule_type, status, params, input_data), -1:
+ * none; j is in its claim's list, after the runs decided before it */
+void wf_claim_schedule(struct wf_job *j, const struct pg_unit *u, int r);
+void wf_claim_refuse(struct wf_job *j, char *msg); /* not run: msg (taken) says why */
+void wf_claim_answer(struct wf_job *j);            /* the result of a run not started; ends it */
 
 /* wf-record.c */
 /* End the attempt with a row write (fields rec_* and out_* set by the finish helpers). */
