@@ -275,8 +275,8 @@ def test_one_bad_row_costs_the_others_nothing(migrated, driver, langflow):
     assert sorted([once_a["outcome"], once_b["outcome"]]) == ["success", "success"]
     assert sorted([bool(once_a["result"]), bool(once_b["result"])]) == [False, True], (once_a, once_b)
     assert len(pgserver.task_rows(db.conn, schedule_id=once)) == 1
-    err = driver.stderr()
-    assert "claiming them one by one" in err and "writing them one by one" in err
+    # whether the bad runs shared a batch with good ones depends on how the driver's submissions fall into loop
+    # ticks (a loaded machine splits them): the outcomes above are the property, whatever the batching was
 
 
 def test_cancel_mid_call(migrated, driver, langflow):
