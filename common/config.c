@@ -74,6 +74,7 @@ static const struct vdef vdefs[] = {
     {"SPARK_LOG_MAX_BYTES", NULL, "10MB", V_MEMORY, 0, 1e9, OFF(log_max_bytes)},
     {"SPARK_LOG_KEEP", NULL, "5", V_INT, 0, 100, OFF(log_keep)},
     {"SPARK_START_TIMEOUT", NULL, "30", V_DOUBLE, 1, 3600, OFF(start_timeout)},
+    {"SPARK_STARTSECS", NULL, "5", V_DOUBLE, 0, 3600, OFF(startsecs)},
     {"SPARK_HEARTBEAT_INTERVAL", NULL, "5", V_DOUBLE, 0.1, 3600, OFF(heartbeat_interval)},
     {"SPARK_DB_POOL_SIZE", NULL, "4", V_INT, 1, 64, OFF(db_pool_size)},
 };
@@ -709,6 +710,7 @@ config_export(const struct spark_config *cfg)
 	setenv("SPARK_LOG_MAX_BYTES", lb, 1);
 	setenv_num("SPARK_LOG_KEEP", cfg->log_keep);
 	setenv_num("SPARK_START_TIMEOUT", cfg->start_timeout);
+	setenv_num("SPARK_STARTSECS", cfg->startsecs);
 	setenv_num("SPARK_HEARTBEAT_INTERVAL", cfg->heartbeat_interval);
 	setenv_num("SPARK_DB_POOL_SIZE", cfg->db_pool_size);
 	/* children read exactly this environment, never an env file of their own */

@@ -24,10 +24,9 @@
 
 #define SD_SELF_NAME "sparkd"
 
-/* Restart backoff after a crash: 100 ms doubling to 30 s, back to 100 ms after 60 s of health. */
-#define SD_BACKOFF_MIN   0.1
-#define SD_BACKOFF_MAX   30.0
-#define SD_HEALTHY_AFTER 60.0
+/* Restart backoff over consecutive early failures (before SPARK_STARTSECS): 100 ms doubling to 30 s. */
+#define SD_BACKOFF_MIN 0.1
+#define SD_BACKOFF_MAX 30.0
 /* Grace after the hard time limit before sparkd kills the process itself. */
 #define SD_TIME_LIMIT_GRACE 5.0
 /* Cold stop: SIGQUIT, then SIGKILL after this long. */
@@ -79,6 +78,7 @@ struct sd_exit {
 	int status;      /* exit status, -1 when killed by a signal */
 	int signal;      /* 0 when it exited */
 	double at;       /* wall clock */
+	pid_t pid;       /* the process it is about */
 };
 
 struct sd_worker;
@@ -293,7 +293,7 @@ long sup_worker_processed(struct sd_worker *w);
 int sup_worker_active(struct sd_worker *w);
 int sup_worker_restarts(struct sd_worker *w);
 void sup_exit_classify(int wstatus, const char *recycle_reason, struct sd_exit *ex);
-double sup_backoff_next(double *delay, double ran_s);
+double sup_restart_delay(double *delay, bool was_ready, double ran_s, double startsecs);
 void sup_worker_name(char *buf, size_t len, int index, int nworkers, const char *host);
 void sup_not_ready_reason(struct sparkd *sd, char *buf, size_t len);
 void sup_status_line(struct sparkd *sd, char *buf, size_t len);
