@@ -42,6 +42,8 @@
 #define PROTO_E_PERMISSION      "permission_denied"
 #define PROTO_E_STOPPING        "stopping"
 #define PROTO_E_INTERNAL        "internal"
+#define PROTO_E_TOO_MANY        "too_many_connections"
+#define PROTO_E_TIMED_OUT       "timed_out"
 
 /*
  * Incremental frame reader over msgpack-c's streaming unpacker, with the 1 MiB cap.

@@ -50,7 +50,8 @@ ctl_client_close(struct ctl_client *c)
 {
 	c->flags |= CLIENT_CLOSING;
 	c->follow = false;
-	struct timeval rtv = {2, 0}, wtv = {CTL_IDLE_PARTIAL, 0};
+	evtimer_del(c->deadline_ev);
+	struct timeval rtv = {2, 0}, wtv = {CTL_CLOSE_TIMEOUT, 0};
 	bufferevent_set_timeouts(c->bev, &rtv, &wtv);
 	if (evbuffer_get_length(bufferevent_get_output(c->bev)) == 0)
 		client_linger(c);
@@ -72,6 +73,7 @@ client_free(struct ctl_client *c)
 	TAILQ_REMOVE(&sd->clients, c, entry);
 	sd->nclients--;
 	proto_reader_free(&c->rd);
+	event_free(c->deadline_ev);
 	bufferevent_free(c->bev);
 	free(c);
 }
@@ -82,14 +84,29 @@ is_array_head(unsigned char b)
 	return (b & 0xf0) == 0x90 || b == 0xdc || b == 0xdd;
 }
 
+/*
+ * A connection must bring a whole request within CTL_REQUEST_TIMEOUT of connecting or of its last one, however
+ * it trickles in: a fixed deadline, not an idle timer, so one byte a second does not hold it. Followers and stop
+ * waiters have a reason to wait and are exempt.
+ */
 static void
-client_set_partial(struct ctl_client *c, bool partial)
+client_arm_deadline(struct ctl_client *c)
 {
-	if (partial == c->partial)
+	if (c->follow || c->waits_exit) {
+		evtimer_del(c->deadline_ev);
 		return;
-	c->partial = partial;
-	struct timeval tv = {CTL_IDLE_PARTIAL, 0};
-	bufferevent_set_timeouts(c->bev, partial ? &tv : NULL, NULL);
+	}
+	struct timeval tv = {CTL_REQUEST_TIMEOUT, 0};
+	evtimer_add(c->deadline_ev, &tv);
+}
+
+static void
+client_deadline_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct ctl_client *c = arg;
+	char msg[96];
+	snprintf(msg, sizeof msg, "timed out: no complete request within %d s", CTL_REQUEST_TIMEOUT);
+	ctl_client_fail(c, 0, PROTO_E_TIMED_OUT, msg);
 }
 
 static void
@@ -131,8 +148,11 @@ client_read_cb(struct bufferevent *bev, void *arg)
 			msgpack_unpacked u;
 			msgpack_unpacked_init(&u);
 			rc = proto_reader_next(&c->rd, &u);
-			if (rc == PROTO_READ_FRAME)
+			if (rc == PROTO_READ_FRAME) {
 				ctl_dispatch(c, &u.data);
+				if (!(c->flags & (CLIENT_CLOSING | CLIENT_FREE)))
+					client_arm_deadline(c);
+			}
 			msgpack_unpacked_destroy(&u);
 			if (rc == PROTO_READ_NEED_MORE)
 				break;
@@ -142,8 +162,6 @@ client_read_cb(struct bufferevent *bev, void *arg)
 				ctl_client_fail(c, 0, PROTO_E_FRAME_TOO_LARGE, "a frame is at most 1 MiB");
 		}
 	}
-	if (!(c->flags & (CLIENT_CLOSING | CLIENT_FREE)))
-		client_set_partial(c, msgpack_unpacker_message_size(&c->rd.unp) > 0);
 	c->flags &= ~CLIENT_IN_CALLBACK;
 	if (c->flags & CLIENT_FREE)
 		client_free(c);
@@ -167,10 +185,7 @@ static void
 client_event_cb(struct bufferevent *bev, short what, void *arg)
 {
 	struct ctl_client *c = arg;
-	if ((what & BEV_EVENT_TIMEOUT) && !(c->flags & CLIENT_CLOSING))
-		log_warnx("control client (pid %d): partial frame idle for %ds; closing", (int)c->pid,
-		          CTL_IDLE_PARTIAL);
-	/* EOF, error and timeout all end the same way */
+	/* EOF, error and the closing timeouts all end the same way */
 	if (c->flags & CLIENT_IN_CALLBACK)
 		c->flags |= CLIENT_FREE;
 	else
@@ -192,6 +207,10 @@ ctl_client_new(struct sparkd *sd, int fd, const struct ucred *cr)
 		fatalx("out of memory (bufferevent)");
 	bufferevent_setcb(c->bev, client_read_cb, client_write_cb, client_event_cb, c);
 	bufferevent_enable(c->bev, EV_READ | EV_WRITE);
+	c->deadline_ev = evtimer_new(sd->base, client_deadline_cb, c);
+	if (c->deadline_ev == NULL)
+		fatalx("out of memory (timer)");
+	client_arm_deadline(c);
 	TAILQ_INSERT_TAIL(&sd->clients, c, entry);
 	sd->nclients++;
 	return c;

@@ -150,6 +150,8 @@ m_stop(struct ctl_client *c, const struct proto_request *req)
 	ctl_client_send(c, &sb);
 	msgpack_sbuffer_destroy(&sb);
 	log_info("%s stop requested by pid %d (uid %u)", force ? "cold" : "warm", (int)c->pid, (unsigned)c->uid);
+	/* sparkctl waits on this connection for sparkd's exit */
+	c->waits_exit = true;
 	/* timeout 0: no grace at all */
 	sup_stop(sd, force || (r == 1 && timeout == 0), timeout);
 }

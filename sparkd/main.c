@@ -257,6 +257,7 @@ main(int argc, char **argv)
 	memset(&sdv, 0, sizeof sdv);
 	struct sparkd *sd = &sdv;
 	sd->listen_fd = -1;
+	sd->spare_fd = -1;
 	sd->ready_fd = -1;
 	sd->lc.file_fd = -1;
 	sd->lc.echo_fd = -1;

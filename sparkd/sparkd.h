@@ -40,12 +40,19 @@
 /* Bytes of message text the ring may hold, whatever its line count. */
 #define LC_RING_MAX_BYTES (16 * 1024 * 1024)
 
-/* Control clients. */
-#define CTL_MAX_CLIENTS  256
-#define CTL_MAX_PER_UID  64
-#define CTL_IDLE_PARTIAL 10           /* seconds a partial frame may sit */
-#define CTL_FOLLOW_LIMIT (128 * 1024) /* a follower's output buffer: stop queueing above this */
-#define CTL_READ_CHUNK   (64 * 1024)
+/*
+ * Control clients. Others (socket-group members) get CTL_MAX_PER_UID each and CTL_MAX_CLIENTS together; the
+ * daemon's uid a reserve of CTL_OWNER_RESERVE beyond both, root twice that, so no one below them can lock them out.
+ * Descriptors likewise: others stop CTL_FD_RESERVE short of RLIMIT_NOFILE, owners go further.
+ */
+#define CTL_MAX_CLIENTS     256
+#define CTL_MAX_PER_UID     64
+#define CTL_OWNER_RESERVE   16
+#define CTL_FD_RESERVE      32
+#define CTL_REQUEST_TIMEOUT 5  /* seconds from connecting, or from the last request, to the next whole request */
+#define CTL_CLOSE_TIMEOUT   10 /* seconds a closing client has to take its last reply */
+#define CTL_FOLLOW_LIMIT    (128 * 1024) /* a follower's output buffer: stop queueing above this */
+#define CTL_READ_CHUNK      (64 * 1024)
 
 /* States shown in status (DESIGN §4). */
 enum sd_pstate {
@@ -193,9 +200,10 @@ struct ctl_client {
 	int follow_level;
 	char follow_worker[300];
 	long dropped;
-	bool partial;     /* read timeout armed */
-	size_t discarded; /* input thrown away while closing */
-	bool refused;     /* not allowed on this socket: every request gets permission_denied, then close */
+	struct event *deadline_ev; /* CTL_REQUEST_TIMEOUT: armed until a follow or a stop makes the wait legitimate */
+	bool waits_exit;           /* asked for stop: stays until sparkd exits */
+	size_t discarded;          /* input thrown away while closing */
+	bool refused;              /* not allowed on this socket: every request gets permission_denied, then close */
 };
 TAILQ_HEAD(ctl_client_list, ctl_client);
 
@@ -235,6 +243,9 @@ struct sparkd {
 	struct ctl_client_list clients;
 	int nclients;
 	double refused_logged; /* rate limit for refusal warnings */
+	double capped_logged;  /* rate limit for "too many connections" warnings */
+	long fd_limit;         /* RLIMIT_NOFILE when listening started */
+	int spare_fd;          /* held open so a connection can still be accepted (and answered) at EMFILE */
 
 	struct logcap lc;
 	struct sd_systemd sys;
@@ -271,6 +282,7 @@ void ctl_free_all(struct sparkd *sd);
 void ctl_broadcast_log(struct sparkd *sd, const struct lc_line *l);
 bool ctl_peer_allowed(uid_t peer_uid, gid_t peer_gid, pid_t peer_pid, uid_t self_uid, gid_t sock_gid);
 bool ctl_may_stop(uid_t peer_uid, uid_t self_uid);
+const char *ctl_admit_check(uid_t peer_uid, uid_t self_uid, int nclients, int of_uid, int fd, long fd_limit);
 void ctl_pack_status(struct sparkd *sd, msgpack_packer *pk, bool verbose, bool with_procs);
 
 /* spawn.c */
