@@ -5,6 +5,7 @@
  */
 #include <sys/socket.h>
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -66,10 +67,22 @@ ctl_client_fail(struct ctl_client *c, uint32_t msgid, const char *code, const ch
 	ctl_client_close(c);
 }
 
+/* Re-count what the client's reader holds; false when all readers together are over CTL_DECODE_BUDGET. */
+static bool
+client_charge(struct ctl_client *c)
+{
+	size_t held = proto_reader_held(&c->rd);
+	size_t charge = held > CTL_DECODE_FREE ? held - CTL_DECODE_FREE : 0;
+	c->sd->decode_held = c->sd->decode_held - c->decode_charge + charge;
+	c->decode_charge = charge;
+	return charge == 0 || c->sd->decode_held <= CTL_DECODE_BUDGET;
+}
+
 static void
 client_free(struct ctl_client *c)
 {
 	struct sparkd *sd = c->sd;
+	sd->decode_held -= c->decode_charge;
 	TAILQ_REMOVE(&sd->clients, c, entry);
 	sd->nclients--;
 	proto_reader_free(&c->rd);
@@ -140,6 +153,17 @@ client_read_cb(struct bufferevent *bev, void *arg)
 			ctl_client_fail(c, 0, PROTO_E_FRAME_TOO_LARGE, "a frame is at most 1 MiB");
 			break;
 		}
+		if (rc == PROTO_READ_TOO_MANY) {
+			char msg[64];
+			snprintf(msg, sizeof msg, "a request holds at most %d values", PROTO_REQUEST_VALUES_MAX);
+			ctl_client_fail(c, 0, PROTO_E_FRAME_TOO_LARGE, msg);
+			break;
+		}
+		if (rc == PROTO_READ_NEED_MORE && !client_charge(c)) {
+			ctl_client_fail(c, 0, PROTO_E_OVERLOADED,
+			                "sparkd is reading too many large frames at once; try again");
+			break;
+		}
 		if (rc != PROTO_READ_NEED_MORE) {
 			ctl_client_fail(c, 0, PROTO_E_BAD_REQUEST, "not valid msgpack");
 			break;
@@ -154,8 +178,11 @@ client_read_cb(struct bufferevent *bev, void *arg)
 					client_arm_deadline(c);
 			}
 			msgpack_unpacked_destroy(&u);
-			if (rc == PROTO_READ_NEED_MORE)
+			if (rc == PROTO_READ_NEED_MORE) {
+				proto_reader_shrink(&c->rd);
+				client_charge(c);
 				break;
+			}
 			if (rc == PROTO_READ_BAD)
 				ctl_client_fail(c, 0, PROTO_E_BAD_REQUEST, "not valid msgpack");
 			else if (rc == PROTO_READ_TOO_LARGE)
@@ -163,6 +190,13 @@ client_read_cb(struct bufferevent *bev, void *arg)
 		}
 	}
 	c->flags &= ~CLIENT_IN_CALLBACK;
+	if ((c->flags & CLIENT_CLOSING) && !(c->flags & CLIENT_FREE) && c->decode_charge > 0) {
+		/* nothing more is decoded for it: its share of the budget goes back now, not at the close */
+		proto_reader_free(&c->rd);
+		if (proto_reader_init(&c->rd) < 0)
+			fatalx("out of memory (msgpack unpacker)");
+		client_charge(c);
+	}
 	if (c->flags & CLIENT_FREE)
 		client_free(c);
 	else if ((c->flags & CLIENT_CLOSING) && evbuffer_get_length(bufferevent_get_output(c->bev)) == 0)
@@ -202,6 +236,7 @@ ctl_client_new(struct sparkd *sd, int fd, const struct ucred *cr)
 	c->pid = cr->pid;
 	if (proto_reader_init(&c->rd) < 0)
 		fatalx("out of memory (msgpack unpacker)");
+	c->rd.scan.values_max = PROTO_REQUEST_VALUES_MAX;
 	c->bev = bufferevent_socket_new(sd->base, fd, BEV_OPT_CLOSE_ON_FREE);
 	if (c->bev == NULL)
 		fatalx("out of memory (bufferevent)");

@@ -10,6 +10,7 @@
 struct ctl_method {
 	const char *name;
 	void (*fn)(struct ctl_client *, const struct proto_request *);
+	const char *const *params; /* the names it knows, NULL-terminated */
 };
 
 static void
@@ -32,7 +33,7 @@ static void
 m_status(struct ctl_client *c, const struct proto_request *req)
 {
 	bool verbose = false;
-	if (proto_get_bool(req->params, "verbose", &verbose) < 0) {
+	if (proto_get_bool(req->params, PROTO_P_VERBOSE, &verbose) < 0) {
 		ctl_reply_error(c, req->msgid, PROTO_E_BAD_PARAMS, "verbose must be a boolean");
 		return;
 	}
@@ -60,21 +61,21 @@ m_logs(struct ctl_client *c, const struct proto_request *req)
 	bool follow = false;
 	char level_s[32] = "", worker[300] = "";
 	int level = SPARK_LOG_DEBUG;
-	if (proto_get_int(req->params, "lines", &lines) < 0 || lines < 0) {
+	if (proto_get_int(req->params, PROTO_P_LINES, &lines) < 0 || lines < 0) {
 		ctl_reply_error(c, req->msgid, PROTO_E_BAD_PARAMS, "lines must be a whole number >= 0");
 		return;
 	}
-	if (proto_get_bool(req->params, "follow", &follow) < 0) {
+	if (proto_get_bool(req->params, PROTO_P_FOLLOW, &follow) < 0) {
 		ctl_reply_error(c, req->msgid, PROTO_E_BAD_PARAMS, "follow must be a boolean");
 		return;
 	}
-	int r = proto_get_str(req->params, "level", level_s, sizeof level_s);
+	int r = proto_get_str(req->params, PROTO_P_LEVEL, level_s, sizeof level_s);
 	if (r < 0 || (r == 1 && level_s[0] != '\0' && (level = log_level_parse(level_s)) < 0)) {
 		ctl_reply_error(c, req->msgid, PROTO_E_BAD_PARAMS,
 		                "level must be one of debug, info, warning, error, critical");
 		return;
 	}
-	if (proto_get_str(req->params, "worker", worker, sizeof worker) < 0) {
+	if (proto_get_str(req->params, PROTO_P_WORKER, worker, sizeof worker) < 0) {
 		ctl_reply_error(c, req->msgid, PROTO_E_BAD_PARAMS, "worker must be a worker name such as celery@host");
 		return;
 	}
@@ -129,11 +130,11 @@ m_stop(struct ctl_client *c, const struct proto_request *req)
 	}
 	bool force = false;
 	double timeout = -1;
-	if (proto_get_bool(req->params, "force", &force) < 0) {
+	if (proto_get_bool(req->params, PROTO_P_FORCE, &force) < 0) {
 		ctl_reply_error(c, req->msgid, PROTO_E_BAD_PARAMS, "force must be a boolean");
 		return;
 	}
-	int r = proto_get_double(req->params, "timeout_s", &timeout);
+	int r = proto_get_double(req->params, PROTO_P_TIMEOUT_S, &timeout);
 	if (r < 0 || (r == 1 && !(timeout >= 0 && timeout <= 30 * 86400))) {
 		ctl_reply_error(c, req->msgid, PROTO_E_BAD_PARAMS, "timeout_s must be a number of seconds >= 0");
 		return;
@@ -156,11 +157,16 @@ m_stop(struct ctl_client *c, const struct proto_request *req)
 	sup_stop(sd, force || (r == 1 && timeout == 0), timeout);
 }
 
+static const char *const ping_params[] = {NULL};
+static const char *const status_params[] = {PROTO_P_VERBOSE, NULL};
+static const char *const logs_params[] = {PROTO_P_LINES, PROTO_P_FOLLOW, PROTO_P_LEVEL, PROTO_P_WORKER, NULL};
+static const char *const stop_params[] = {PROTO_P_FORCE, PROTO_P_TIMEOUT_S, NULL};
+
 static const struct ctl_method methods[] = {
-    {PROTO_M_PING, m_ping},
-    {PROTO_M_STATUS, m_status},
-    {PROTO_M_LOGS, m_logs},
-    {PROTO_M_STOP, m_stop},
+    {PROTO_M_PING, m_ping, ping_params},
+    {PROTO_M_STATUS, m_status, status_params},
+    {PROTO_M_LOGS, m_logs, logs_params},
+    {PROTO_M_STOP, m_stop, stop_params},
 };
 
 void
@@ -187,10 +193,13 @@ ctl_dispatch(struct ctl_client *c, const msgpack_object *o)
 		return;
 	}
 	for (size_t i = 0; i < sizeof methods / sizeof methods[0]; i++) {
-		if (strcmp(req.method, methods[i].name) == 0) {
+		if (strcmp(req.method, methods[i].name) != 0)
+			continue;
+		if (proto_check_params(req.params, methods[i].params, err, sizeof err) < 0)
+			ctl_reply_error(c, req.msgid, PROTO_E_BAD_PARAMS, err);
+		else
 			methods[i].fn(c, &req);
-			return;
-		}
+		return;
 	}
 	char msg[96];
 	snprintf(msg, sizeof msg, "unknown method '%s' (protocol %d: ping, status, logs, stop)", req.method,

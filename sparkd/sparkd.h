@@ -51,8 +51,14 @@
 #define CTL_FD_RESERVE      32
 #define CTL_REQUEST_TIMEOUT 5  /* seconds from connecting, or from the last request, to the next whole request */
 #define CTL_CLOSE_TIMEOUT   10 /* seconds a closing client has to take its last reply */
-#define CTL_FOLLOW_LIMIT    (128 * 1024) /* a follower's output buffer: stop queueing above this */
-#define CTL_READ_CHUNK      (64 * 1024)
+/*
+ * Memory of frames being read: each client's first CTL_DECODE_FREE bytes are its own (every real request fits),
+ * what any client holds beyond that comes out of one CTL_DECODE_BUDGET for all of them.
+ */
+#define CTL_DECODE_FREE   (64 * 1024)
+#define CTL_DECODE_BUDGET (16 * 1024 * 1024)
+#define CTL_FOLLOW_LIMIT  (128 * 1024) /* a follower's output buffer: stop queueing above this */
+#define CTL_READ_CHUNK    (64 * 1024)
 
 /* States shown in status (DESIGN §4). */
 enum sd_pstate {
@@ -202,6 +208,7 @@ struct ctl_client {
 	long dropped;
 	struct event *deadline_ev; /* CTL_REQUEST_TIMEOUT: armed until a follow or a stop makes the wait legitimate */
 	bool waits_exit;           /* asked for stop: stays until sparkd exits */
+	size_t decode_charge;      /* what its reader holds beyond CTL_DECODE_FREE, counted in sd->decode_held */
 	size_t discarded;          /* input thrown away while closing */
 	bool refused;              /* not allowed on this socket: every request gets permission_denied, then close */
 };
@@ -246,6 +253,7 @@ struct sparkd {
 	double capped_logged;  /* rate limit for "too many connections" warnings */
 	long fd_limit;         /* RLIMIT_NOFILE when listening started */
 	int spare_fd;          /* held open so a connection can still be accepted (and answered) at EMFILE */
+	size_t decode_held;    /* sum of the clients' decode_charge */
 
 	struct logcap lc;
 	struct sd_systemd sys;

@@ -91,7 +91,7 @@ def test_doc_names_every_field_sparkd_sends_and_reads():
     doc = DOC.read_text()
     src = "\n".join(p.read_text() for p in sorted((REPO / "sparkd").glob("*.c")))
     sent = set(re.findall(r'proto_pack_(?:kv_\w+|key)\(\s*&?pk\s*,\s*"(\w+)"', src))
-    read = set(re.findall(r'proto_get_\w+\(\s*req->params\s*,\s*"(\w+)"', src))
+    read = set(proto_names("P").values())
     assert len(sent) > 20 and {"verbose", "lines", "follow", "force"} <= read, (sent, read)
     missing = sorted(k for k in sent | read if f"`{k}`" not in doc)
     assert not missing, f"docs/protocol.md does not mention these fields/parameters: {missing}"
