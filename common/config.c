@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "log.h"
+#include "rundir.h"
 #include "util.h"
 
 enum vtype {
@@ -540,7 +541,10 @@ config_default_socket(void)
 	const char *x = getenv("XDG_RUNTIME_DIR");
 	if (x != NULL && *x == '/')
 		return xasprintf("%s/spark/sparkd.sock", x);
-	return xasprintf("/tmp/spark-%u/sparkd.sock", (unsigned)geteuid());
+	char *fb = rundir_fallback();
+	char *p = xasprintf("%s/sparkd.sock", fb);
+	free(fb);
+	return p;
 }
 
 static char *
@@ -557,7 +561,10 @@ default_log_dir(void)
 	const char *h = getenv("HOME");
 	if (h != NULL && *h == '/')
 		return xasprintf("%s/.local/state/spark", h);
-	return xasprintf("/tmp/spark-%u/log", (unsigned)geteuid());
+	char *fb = rundir_fallback();
+	char *p = xasprintf("%s/log", fb);
+	free(fb);
+	return p;
 }
 
 int

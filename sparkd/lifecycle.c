@@ -7,6 +7,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "rundir.h"
 #include "sparkd.h"
 
 static void
@@ -87,8 +88,11 @@ sd_pidfile_write(struct sparkd *sd)
 	const char *slash = strrchr(path, '/');
 	if (slash != NULL && slash != path) {
 		char *dir = xstrndup(path, (size_t)(slash - path));
-		(void)mkdir_p(dir, 0750);
+		char err[512];
+		int rc = rundir_prepare(dir, 0750, "pid file", err, sizeof err);
 		free(dir);
+		if (rc < 0)
+			sd_startup_fail(sd, "%s (set SPARK_PID_FILE)", err);
 	}
 	int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0644);
 	if (fd < 0)

@@ -13,6 +13,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "rundir.h"
 #include "sparkd.h"
 #include "url.h"
 
@@ -302,6 +303,9 @@ main(int argc, char **argv)
 	if (ctl_listen(sd, err, sizeof err) < 0)
 		sd_startup_fail(sd, "%s", err);
 	sd_pidfile_write(sd);
+	/* the log goes in the fallback when nothing better is known: the same check as the socket's */
+	if (rundir_in_fallback(sd->cfg.log_dir) && rundir_prepare(sd->cfg.log_dir, 0750, "log", err, sizeof err) < 0)
+		sd_startup_fail(sd, "%s (set SPARK_LOG_DIR)", err);
 	if (logcap_init(sd, err, sizeof err) < 0)
 		sd_startup_fail(sd, "%s", err);
 	sd_bridge = sd;

@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "ctl.h"
+#include "rundir.h"
 
 /* The spare descriptor: given up at EMFILE so one more connection can be accepted, taken back when possible. */
 static void
@@ -262,10 +263,7 @@ ctl_listen(struct sparkd *sd, char *err, size_t errlen)
 		const char *slash = strrchr(path, '/');
 		if (slash != NULL && slash != path) {
 			char *dir = xstrndup(path, (size_t)(slash - path));
-			int rc = mkdir_p(dir, 0750);
-			if (rc < 0)
-				snprintf(err, errlen, "cannot create the socket directory %s: %s", dir,
-				         strerror(errno));
+			int rc = rundir_prepare(dir, 0750, "socket", err, errlen);
 			free(dir);
 			if (rc < 0)
 				return -1;
