@@ -571,9 +571,9 @@ void
 proto_pack_error_response(msgpack_packer *pk, uint32_t msgid, const char *code, const char *message)
 {
 	proto_pack_response_head(pk, msgid);
-	msgpack_pack_map(pk, 2);
-	proto_pack_kv_str(pk, "code", code);
-	proto_pack_kv_str(pk, "message", message);
+	msgpack_pack_map(pk, PROTO_NFIELDS(PROTO_ERROR_FIELDS));
+	proto_pack_kv_str(pk, PROTO_F_CODE, code);
+	proto_pack_kv_str(pk, PROTO_F_MESSAGE, message);
 	msgpack_pack_nil(pk);
 }
 

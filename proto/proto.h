@@ -30,6 +30,9 @@
 #define PROTO_M_LOGS   "logs"
 #define PROTO_M_STOP   "stop"
 
+/* field names of results and notifications, with each map's list */
+#include "fields.h"
+
 /* request parameters, protocol 1 */
 #define PROTO_P_VERBOSE   "verbose"   /* status */
 #define PROTO_P_LINES     "lines"     /* logs */

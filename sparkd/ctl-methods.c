@@ -21,10 +21,10 @@ m_ping(struct ctl_client *c, const struct proto_request *req)
 	msgpack_packer pk;
 	msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
 	proto_pack_result_head(&pk, req->msgid);
-	msgpack_pack_map(&pk, 3);
-	proto_pack_kv_int(&pk, "protocol", SPARK_PROTOCOL_VERSION);
-	proto_pack_kv_str(&pk, "version", SPARK_VERSION);
-	proto_pack_kv_int(&pk, "pid", c->sd->pid);
+	msgpack_pack_map(&pk, PROTO_NFIELDS(PROTO_PING_FIELDS));
+	proto_pack_kv_int(&pk, PROTO_F_PROTOCOL, SPARK_PROTOCOL_VERSION);
+	proto_pack_kv_str(&pk, PROTO_F_VERSION, SPARK_VERSION);
+	proto_pack_kv_int(&pk, PROTO_F_PID, c->sd->pid);
 	ctl_client_send(c, &sb);
 	msgpack_sbuffer_destroy(&sb);
 }
@@ -42,12 +42,13 @@ m_status(struct ctl_client *c, const struct proto_request *req)
 	msgpack_packer pk;
 	msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
 	proto_pack_result_head(&pk, req->msgid);
-	ctl_pack_status(c->sd, &pk, verbose, true);
+	/* the per-process detail only for who asks for it: a poller's status stays small */
+	ctl_pack_status(c->sd, &pk, verbose, false);
 	if (sb.size > SPARK_FRAME_MAX) {
 		/* thousands of processes: the per-process detail does not fit in one frame */
 		msgpack_sbuffer_clear(&sb);
 		proto_pack_result_head(&pk, req->msgid);
-		ctl_pack_status(c->sd, &pk, verbose, false);
+		ctl_pack_status(c->sd, &pk, false, true);
 	}
 	ctl_client_send(c, &sb);
 	msgpack_sbuffer_destroy(&sb);
@@ -99,8 +100,8 @@ m_logs(struct ctl_client *c, const struct proto_request *req)
 	msgpack_packer pk;
 	msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
 	proto_pack_result_head(&pk, req->msgid);
-	msgpack_pack_map(&pk, 1);
-	proto_pack_key(&pk, "lines");
+	msgpack_pack_map(&pk, PROTO_NFIELDS(PROTO_LOGS_FIELDS));
+	proto_pack_key(&pk, PROTO_F_LINES);
 	msgpack_pack_array(&pk, n);
 	for (size_t i = first, k = 0; k < n && i < lc->count; i++) {
 		const struct lc_line *l = logcap_ring_get(lc, i);
@@ -146,8 +147,8 @@ m_stop(struct ctl_client *c, const struct proto_request *req)
 	msgpack_packer pk;
 	msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
 	proto_pack_result_head(&pk, req->msgid);
-	msgpack_pack_map(&pk, 1);
-	proto_pack_kv_bool(&pk, "stopping", true);
+	msgpack_pack_map(&pk, PROTO_NFIELDS(PROTO_STOP_FIELDS));
+	proto_pack_kv_bool(&pk, PROTO_F_STOPPING, true);
 	ctl_client_send(c, &sb);
 	msgpack_sbuffer_destroy(&sb);
 	log_info("%s stop requested by pid %d (uid %u)", force ? "cold" : "warm", (int)c->pid, (unsigned)c->uid);

@@ -69,12 +69,7 @@ start_timeout_cb(evutil_socket_t fd, short what, void *arg)
 	snprintf(msg, sizeof msg, "workers not ready within %gs (SPARK_START_TIMEOUT): %s; stopped",
 	         sd->cfg.start_timeout, why);
 	log_errorx("%s", msg);
-	char buf[1000];
-	int n = snprintf(buf, sizeof buf, "E%s", msg);
-	ssize_t w = write(sd->ready_fd, buf, (size_t)n);
-	(void)w;
-	close(sd->ready_fd);
-	sd->ready_fd = -1;
+	sd_ready_fail(sd, msg);
 	sd->exit_code = 1;
 	sup_stop(sd, false, 5);
 }
@@ -147,9 +142,9 @@ daemonize(struct sparkd *sd)
 				break;
 		}
 		buf[len] = '\0';
-		if (len > 0 && buf[0] == 'R')
+		if (len > 0 && buf[0] == PROTO_READY_OK)
 			exit(0);
-		if (len > 1 && buf[0] == 'E')
+		if (len > 1 && buf[0] == PROTO_READY_FAIL)
 			fprintf(stderr, "sparkd: %s\n", buf + 1);
 		else
 			fprintf(stderr, "sparkd: the daemon exited during startup; see %s/sparkd.log\n",

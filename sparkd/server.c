@@ -222,7 +222,7 @@ ctl_check_running(const char *path, char *err, size_t errlen)
 				struct proto_message m;
 				char e[64];
 				if (proto_parse_message(&u.data, &m, e, sizeof e) == 0 && m.type == PROTO_RESPONSE &&
-				    proto_get_int(m.result, "pid", &pid) != 1)
+				    proto_get_int(m.result, PROTO_F_PID, &pid) != 1)
 					pid = -1;
 				if (pid == 0)
 					pid = -1;

@@ -278,6 +278,7 @@ struct sparkd {
 /* lifecycle.c */
 void sd_startup_fail(struct sparkd *sd, const char *fmt, ...) __attribute__((format(printf, 2, 3), noreturn));
 void sd_ready(struct sparkd *sd);
+void sd_ready_fail(struct sparkd *sd, const char *msg);
 void sd_finish(struct sparkd *sd);
 void sd_pidfile_write(struct sparkd *sd);
 void sd_cleanup(struct sparkd *sd);
@@ -291,7 +292,7 @@ void ctl_broadcast_log(struct sparkd *sd, const struct lc_line *l);
 bool ctl_peer_allowed(uid_t peer_uid, gid_t peer_gid, pid_t peer_pid, uid_t self_uid, gid_t sock_gid);
 bool ctl_may_stop(uid_t peer_uid, uid_t self_uid);
 const char *ctl_admit_check(uid_t peer_uid, uid_t self_uid, int nclients, int of_uid, int fd, long fd_limit);
-void ctl_pack_status(struct sparkd *sd, msgpack_packer *pk, bool verbose, bool with_procs);
+void ctl_pack_status(struct sparkd *sd, msgpack_packer *pk, bool with_procs, bool truncated);
 
 /* spawn.c */
 char *spawn_find_worker(const char *self_exe);
