@@ -122,6 +122,39 @@ client_deadline_cb(evutil_socket_t fd, short what, void *arg)
 	ctl_client_fail(c, 0, PROTO_E_TIMED_OUT, msg);
 }
 
+/* Dispatch the whole frames the reader holds, in order, unless the client lets its replies pile up. */
+static void
+client_run_frames(struct ctl_client *c)
+{
+	while (!(c->flags & (CLIENT_CLOSING | CLIENT_FREE))) {
+		if (evbuffer_get_length(bufferevent_get_output(c->bev)) > CTL_OUTPUT_MAX) {
+			/* pipelining without reading: no more of its requests until it reads (or its deadline ends it)
+			 */
+			c->paused = true;
+			bufferevent_disable(c->bev, EV_READ);
+			return;
+		}
+		msgpack_unpacked u;
+		msgpack_unpacked_init(&u);
+		int rc = proto_reader_next(&c->rd, &u);
+		if (rc == PROTO_READ_FRAME) {
+			ctl_dispatch(c, &u.data);
+			if (!(c->flags & (CLIENT_CLOSING | CLIENT_FREE)))
+				client_arm_deadline(c);
+		}
+		msgpack_unpacked_destroy(&u);
+		if (rc == PROTO_READ_NEED_MORE) {
+			proto_reader_shrink(&c->rd);
+			client_charge(c);
+			return;
+		}
+		if (rc == PROTO_READ_BAD)
+			ctl_client_fail(c, 0, PROTO_E_BAD_REQUEST, "not valid msgpack");
+		else if (rc == PROTO_READ_TOO_LARGE)
+			ctl_client_fail(c, 0, PROTO_E_FRAME_TOO_LARGE, "a frame is at most 1 MiB");
+	}
+}
+
 static void
 client_read_cb(struct bufferevent *bev, void *arg)
 {
@@ -137,7 +170,9 @@ client_read_cb(struct bufferevent *bev, void *arg)
 		return;
 	}
 	c->flags |= CLIENT_IN_CALLBACK;
-	while (!(c->flags & (CLIENT_CLOSING | CLIENT_FREE)) && evbuffer_get_length(in) > 0) {
+	/* frames held back while it was paused go first */
+	client_run_frames(c);
+	while (!(c->flags & (CLIENT_CLOSING | CLIENT_FREE)) && !c->paused && evbuffer_get_length(in) > 0) {
 		int n = evbuffer_remove(in, buf, sizeof buf);
 		if (n <= 0)
 			break;
@@ -168,26 +203,7 @@ client_read_cb(struct bufferevent *bev, void *arg)
 			ctl_client_fail(c, 0, PROTO_E_BAD_REQUEST, "not valid msgpack");
 			break;
 		}
-		while (!(c->flags & (CLIENT_CLOSING | CLIENT_FREE))) {
-			msgpack_unpacked u;
-			msgpack_unpacked_init(&u);
-			rc = proto_reader_next(&c->rd, &u);
-			if (rc == PROTO_READ_FRAME) {
-				ctl_dispatch(c, &u.data);
-				if (!(c->flags & (CLIENT_CLOSING | CLIENT_FREE)))
-					client_arm_deadline(c);
-			}
-			msgpack_unpacked_destroy(&u);
-			if (rc == PROTO_READ_NEED_MORE) {
-				proto_reader_shrink(&c->rd);
-				client_charge(c);
-				break;
-			}
-			if (rc == PROTO_READ_BAD)
-				ctl_client_fail(c, 0, PROTO_E_BAD_REQUEST, "not valid msgpack");
-			else if (rc == PROTO_READ_TOO_LARGE)
-				ctl_client_fail(c, 0, PROTO_E_FRAME_TOO_LARGE, "a frame is at most 1 MiB");
-		}
+		client_run_frames(c);
 	}
 	c->flags &= ~CLIENT_IN_CALLBACK;
 	if ((c->flags & CLIENT_CLOSING) && !(c->flags & CLIENT_FREE) && c->decode_charge > 0) {
@@ -209,6 +225,12 @@ client_write_cb(struct bufferevent *bev, void *arg)
 	struct ctl_client *c = arg;
 	if (c->flags & CLIENT_CLOSING) {
 		client_linger(c);
+		return;
+	}
+	if (c->paused) {
+		c->paused = false;
+		bufferevent_enable(c->bev, EV_READ);
+		client_read_cb(bev, c); /* may free c */
 		return;
 	}
 	if (c->follow && c->dropped > 0)

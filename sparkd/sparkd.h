@@ -55,7 +55,9 @@
  * Memory of frames being read: each client's first CTL_DECODE_FREE bytes are its own (every real request fits),
  * what any client holds beyond that comes out of one CTL_DECODE_BUDGET for all of them.
  */
-#define CTL_DECODE_FREE   (64 * 1024)
+#define CTL_DECODE_FREE (64 * 1024)
+/* Replies queued for a client that does not read them: above this, its requests wait until it does. */
+#define CTL_OUTPUT_MAX    (2 * SPARK_FRAME_MAX)
 #define CTL_DECODE_BUDGET (16 * 1024 * 1024)
 #define CTL_FOLLOW_LIMIT  (128 * 1024) /* a follower's output buffer: stop queueing above this */
 #define CTL_READ_CHUNK    (64 * 1024)
@@ -208,6 +210,7 @@ struct ctl_client {
 	long dropped;
 	struct event *deadline_ev; /* CTL_REQUEST_TIMEOUT: armed until a follow or a stop makes the wait legitimate */
 	bool waits_exit;           /* asked for stop: stays until sparkd exits */
+	bool paused;               /* CTL_OUTPUT_MAX queued: not reading its requests until it reads our replies */
 	size_t decode_charge;      /* what its reader holds beyond CTL_DECODE_FREE, counted in sd->decode_held */
 	size_t discarded;          /* input thrown away while closing */
 	bool refused;              /* not allowed on this socket: every request gets permission_denied, then close */

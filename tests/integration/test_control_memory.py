@@ -127,3 +127,38 @@ def test_unknown_parameters_beyond_a_few_are_refused(spark):
         assert m[1] == 7 and m[2]["code"] == "bad_params", m
         # the connection stays usable after a bad_params reply
         assert c.call("ping")[0] is None
+
+
+def test_a_client_that_does_not_read_its_replies_cannot_pile_them_up(spark, celery):
+    # 300 pipelined requests for the last 2000 log lines (some 100 KB each, 30 MB in all) from a client that reads
+    # nothing for a while: sparkd stops taking its requests while 2 MiB of replies wait, and serves every one, in
+    # order, once it reads
+    sd = spark({"SPARK_LOGLEVEL": "debug"})
+    sd.start(workers=1, concurrency=1)
+    app = celery()
+    results = [app.send_task("spark.noop", args=[i]) for i in range(300)]
+    assert [r.get(timeout=t(30)) for r in results] == list(range(300))
+    err, res = sd.rpc("logs", {"lines": 2000})
+    size = len(msgpack.packb(res))
+    assert size > 50 * 1024, size
+    base = vm_kib(sd.pid, "VmRSS")
+    n = 300
+    c = RpcClient(sd.socket, timeout=t(20))
+    try:
+        c.send_raw(b"".join(msgpack.packb([0, i + 1, "logs", [{"lines": 2000}]]) for i in range(n)))
+        # a window in which the client reads nothing (well inside its 5 s request deadline): without the pause the
+        # daemon would answer every request at once and hold all the replies
+        end = time.monotonic() + 2
+        while time.monotonic() < end:
+            grown = vm_kib(sd.pid, "VmRSS") - base
+            assert grown < 8 * 1024, f"sparkd grew by {grown} KiB for a client that reads nothing"
+            err, _ = sd.rpc("ping")  # and it serves others meanwhile
+            assert err is None
+        got = 0
+        while got < n:
+            m = c.recv(timeout=t(20))
+            assert m is not None, f"closed after {got} replies"
+            assert m[0] == 1 and m[1] == got + 1 and m[2] is None, m[:3]
+            got += 1
+    finally:
+        c.close()
