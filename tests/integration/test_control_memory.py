@@ -149,9 +149,11 @@ def test_a_client_that_does_not_read_its_replies_cannot_pile_them_up(spark, cele
         # a window in which the client reads nothing (well inside its 5 s request deadline): without the pause the
         # daemon would answer every request at once and hold all the replies
         end = time.monotonic() + 2
+        # sanitizers keep freed memory in quarantine: allow for it there (all the replies would be 30 MB and more)
+        bound = (20 if SAN else 8) * 1024
         while time.monotonic() < end:
             grown = vm_kib(sd.pid, "VmRSS") - base
-            assert grown < 8 * 1024, f"sparkd grew by {grown} KiB for a client that reads nothing"
+            assert grown < bound, f"sparkd grew by {grown} KiB for a client that reads nothing"
             err, _ = sd.rpc("ping")  # and it serves others meanwhile
             assert err is None
         got = 0
