@@ -7,6 +7,8 @@
 #ifndef SPARK_PROTO_FIELDS_H
 #define SPARK_PROTO_FIELDS_H
 
+/* the lists, one field a line: clang-format would re-flow them differently on every run */
+// clang-format off
 #define PROTO_COUNT_FIELD_(f) +1
 #define PROTO_NFIELDS(list)   (0 list(PROTO_COUNT_FIELD_))
 
@@ -28,15 +30,23 @@
 /* an error: {"code": …, "message": …} */
 #define PROTO_F_CODE          "code"
 #define PROTO_F_MESSAGE       "message"
-#define PROTO_ERROR_FIELDS(X) X(PROTO_F_CODE) X(PROTO_F_MESSAGE)
+#define PROTO_ERROR_FIELDS(X) \
+	X(PROTO_F_CODE) \
+	X(PROTO_F_MESSAGE)
 
 /* ping's result */
-#define PROTO_PING_FIELDS(X) X(PROTO_F_PROTOCOL) X(PROTO_F_VERSION) X(PROTO_F_PID)
+#define PROTO_PING_FIELDS(X) \
+	X(PROTO_F_PROTOCOL) \
+	X(PROTO_F_VERSION) \
+	X(PROTO_F_PID)
 
 /* status's result: supervisor map, workers array, truncated bool */
 #define PROTO_F_SUPERVISOR     "supervisor"
 #define PROTO_F_TRUNCATED      "truncated"
-#define PROTO_STATUS_FIELDS(X) X(PROTO_F_SUPERVISOR) X(PROTO_F_WORKERS) X(PROTO_F_TRUNCATED)
+#define PROTO_STATUS_FIELDS(X) \
+	X(PROTO_F_SUPERVISOR) \
+	X(PROTO_F_WORKERS) \
+	X(PROTO_F_TRUNCATED)
 
 #define PROTO_F_SOCKET           "socket"
 #define PROTO_F_SOCKET_ACTIVATED "socket_activated"
@@ -45,26 +55,47 @@
 #define PROTO_F_QUEUE_LENGTHS_AT "queue_lengths_at"
 #define PROTO_F_LIMITS           "limits"
 #define PROTO_F_LOG_FILE         "log_file"
-#define PROTO_SUPERVISOR_FIELDS(X)                                                                                     \
-	X(PROTO_F_PID)                                                                                                 \
-	X(PROTO_F_VERSION) X(PROTO_F_PROTOCOL) X(PROTO_F_UPTIME_S) X(PROTO_F_STARTED_AT) X(PROTO_F_SOCKET)             \
-	    X(PROTO_F_SOCKET_ACTIVATED) X(PROTO_F_POOL) X(PROTO_F_WORKERS) X(PROTO_F_CONCURRENCY) X(PROTO_F_QUEUES)    \
-	        X(PROTO_F_QUEUE_LENGTHS) X(PROTO_F_QUEUE_LENGTHS_AT) X(PROTO_F_LIMITS) X(PROTO_F_LOG_FILE)             \
-	            X(PROTO_F_STATE) X(PROTO_F_RSS_KIB)
+#define PROTO_SUPERVISOR_FIELDS(X) \
+	X(PROTO_F_PID) \
+	X(PROTO_F_VERSION) \
+	X(PROTO_F_PROTOCOL) \
+	X(PROTO_F_UPTIME_S) \
+	X(PROTO_F_STARTED_AT) \
+	X(PROTO_F_SOCKET) \
+	X(PROTO_F_SOCKET_ACTIVATED) \
+	X(PROTO_F_POOL) \
+	X(PROTO_F_WORKERS) \
+	X(PROTO_F_CONCURRENCY) \
+	X(PROTO_F_QUEUES) \
+	X(PROTO_F_QUEUE_LENGTHS) \
+	X(PROTO_F_QUEUE_LENGTHS_AT) \
+	X(PROTO_F_LIMITS) \
+	X(PROTO_F_LOG_FILE) \
+	X(PROTO_F_STATE) \
+	X(PROTO_F_RSS_KIB)
 
 #define PROTO_F_MAX_TASKS_PER_CHILD "max_tasks_per_child"
 #define PROTO_F_MAX_MEMORY_KIB      "max_memory_kib"
 #define PROTO_F_TIME_LIMIT          "time_limit"
 #define PROTO_F_SOFT_TIME_LIMIT     "soft_time_limit"
-#define PROTO_LIMITS_FIELDS(X)                                                                                         \
-	X(PROTO_F_MAX_TASKS_PER_CHILD) X(PROTO_F_MAX_MEMORY_KIB) X(PROTO_F_TIME_LIMIT) X(PROTO_F_SOFT_TIME_LIMIT)
+#define PROTO_LIMITS_FIELDS(X) \
+	X(PROTO_F_MAX_TASKS_PER_CHILD) \
+	X(PROTO_F_MAX_MEMORY_KIB) \
+	X(PROTO_F_TIME_LIMIT) \
+	X(PROTO_F_SOFT_TIME_LIMIT)
 
 #define PROTO_F_ACTIVE    "active"
 #define PROTO_F_PROCESSES "processes"
-#define PROTO_WORKER_FIELDS(X)                                                                                         \
-	X(PROTO_F_NAME)                                                                                                \
-	X(PROTO_F_STATE) X(PROTO_F_POOL) X(PROTO_F_CONCURRENCY) X(PROTO_F_PROCESSED) X(PROTO_F_ACTIVE)                 \
-	    X(PROTO_F_UPTIME_S) X(PROTO_F_RESTARTS) X(PROTO_F_PROCESSES)
+#define PROTO_WORKER_FIELDS(X) \
+	X(PROTO_F_NAME) \
+	X(PROTO_F_STATE) \
+	X(PROTO_F_POOL) \
+	X(PROTO_F_CONCURRENCY) \
+	X(PROTO_F_PROCESSED) \
+	X(PROTO_F_ACTIVE) \
+	X(PROTO_F_UPTIME_S) \
+	X(PROTO_F_RESTARTS) \
+	X(PROTO_F_PROCESSES)
 
 #define PROTO_F_SLOT           "slot"
 #define PROTO_F_ACTIVE_TASKS   "active_tasks"
@@ -72,38 +103,64 @@
 #define PROTO_F_PROBLEM        "problem"
 #define PROTO_F_RECYCLE        "recycle"
 #define PROTO_F_NEXT_RESTART_S "next_restart_s"
-#define PROTO_PROCESS_FIELDS(X)                                                                                        \
-	X(PROTO_F_PID)                                                                                                 \
-	X(PROTO_F_STATE) X(PROTO_F_SLOT) X(PROTO_F_RSS_KIB) X(PROTO_F_PROCESSED) X(PROTO_F_RESTARTS)                   \
-	    X(PROTO_F_ACTIVE_TASKS) X(PROTO_F_STARTED_AT) X(PROTO_F_LAST_EXIT) X(PROTO_F_PROBLEM) X(PROTO_F_RECYCLE)   \
-	        X(PROTO_F_NEXT_RESTART_S)
+#define PROTO_PROCESS_FIELDS(X) \
+	X(PROTO_F_PID) \
+	X(PROTO_F_STATE) \
+	X(PROTO_F_SLOT) \
+	X(PROTO_F_RSS_KIB) \
+	X(PROTO_F_PROCESSED) \
+	X(PROTO_F_RESTARTS) \
+	X(PROTO_F_ACTIVE_TASKS) \
+	X(PROTO_F_STARTED_AT) \
+	X(PROTO_F_LAST_EXIT) \
+	X(PROTO_F_PROBLEM) \
+	X(PROTO_F_RECYCLE) \
+	X(PROTO_F_NEXT_RESTART_S)
 
 #define PROTO_F_ID         "id"
 #define PROTO_F_RUNTIME_S  "runtime_s"
 #define PROTO_F_HARD_LIMIT "hard_limit"
-#define PROTO_TASK_FIELDS(X)                                                                                           \
-	X(PROTO_F_ID) X(PROTO_F_NAME) X(PROTO_F_RUNTIME_S) X(PROTO_F_STARTED_AT) X(PROTO_F_HARD_LIMIT)
+#define PROTO_TASK_FIELDS(X) \
+	X(PROTO_F_ID) \
+	X(PROTO_F_NAME) \
+	X(PROTO_F_RUNTIME_S) \
+	X(PROTO_F_STARTED_AT) \
+	X(PROTO_F_HARD_LIMIT)
 
 #define PROTO_F_REASON       "reason"
 #define PROTO_F_STATUS       "status"
 #define PROTO_F_SIGNAL       "signal"
 #define PROTO_F_AT           "at"
-#define PROTO_EXIT_FIELDS(X) X(PROTO_F_REASON) X(PROTO_F_STATUS) X(PROTO_F_SIGNAL) X(PROTO_F_AT)
+#define PROTO_EXIT_FIELDS(X) \
+	X(PROTO_F_REASON) \
+	X(PROTO_F_STATUS) \
+	X(PROTO_F_SIGNAL) \
+	X(PROTO_F_AT)
 
 /* logs: its result, and each line (in the result and in "log" notifications) */
 #define PROTO_F_LINES            "lines"
-#define PROTO_LOGS_FIELDS(X)     X(PROTO_F_LINES)
+#define PROTO_LOGS_FIELDS(X) \
+	X(PROTO_F_LINES)
 #define PROTO_F_TS               "ts"
 #define PROTO_F_LEVEL            "level"
 #define PROTO_F_WORKER           "worker"
 #define PROTO_F_MSG              "msg"
-#define PROTO_LOG_LINE_FIELDS(X) X(PROTO_F_TS) X(PROTO_F_LEVEL) X(PROTO_F_WORKER) X(PROTO_F_PID) X(PROTO_F_MSG)
+#define PROTO_LOG_LINE_FIELDS(X) \
+	X(PROTO_F_TS) \
+	X(PROTO_F_LEVEL) \
+	X(PROTO_F_WORKER) \
+	X(PROTO_F_PID) \
+	X(PROTO_F_MSG)
 /* what a follower missed: {"dropped": N} in a "log" notification (PROTO_N_DROPPED) */
-#define PROTO_DROPPED_FIELDS(X) X(PROTO_N_DROPPED)
+#define PROTO_DROPPED_FIELDS(X) \
+	X(PROTO_N_DROPPED)
 
 /* stop's result */
 #define PROTO_F_STOPPING     "stopping"
-#define PROTO_STOP_FIELDS(X) X(PROTO_F_STOPPING)
+#define PROTO_STOP_FIELDS(X) \
+	X(PROTO_F_STOPPING)
+
+// clang-format on
 
 /*
  * The --daemon ready pipe (sparkd's child to its waiting parent): one byte PROTO_READY_OK when every worker is
