@@ -109,6 +109,11 @@ def spark(request, tmp_path):
 @pytest.fixture
 def celery(request):
     apps = []
+    # Celery's apps share kombu's process-wide connection pools (kombu.pools, keyed by broker URL): a connection
+    # pooled by an earlier test outlives a redis-server restart on the same port and fails the next app's first
+    # drain ("Connection closed by server"). Every test starts and ends with empty pools.
+    from kombu import pools
+    pools.reset()
 
     def make(broker_url=None, backend_url=None):
         srv = request.getfixturevalue("redis")
@@ -129,6 +134,7 @@ def celery(request):
             app.close()
         except Exception:
             pass
+    pools.reset()
 
 
 @pytest.fixture(scope="session")
