@@ -59,7 +59,7 @@ pic = $(patsubst %.c,$(BUILD)/pic/%.o,$(1))
 
 BINS = $(BUILD)/bin/sparkd $(BUILD)/bin/spark-worker $(BUILD)/bin/sparkctl $(BUILD)/bin/spark-workflow.so
 
-.PHONY: fuzz fuzz-build all test test-unit test-integration run deps install uninstall clean format lint bench check-format
+.PHONY: fuzz fuzz-build chaos all test test-unit test-integration run deps install uninstall clean format lint bench check-format
 
 all: $(BINS)
 
@@ -215,3 +215,10 @@ fuzz: deps
 	$(MAKE) fuzz-build
 	@sh tests/fuzz/run.sh $(FUZZ_DIR) $(FUZZ_SECONDS) $(FUZZ_TARGETS)
 
+# ---- chaos: kill -9 of workers and of sparkd, Redis and PostgreSQL restarts under a Celery producer ----
+#   make chaos                   CHAOS_SECONDS (default 60) of faults, then the drain and the verdict
+#   make chaos CHAOS_SECONDS=600 CHAOS_ARGS="--seed 42 --keep"
+CHAOS_SECONDS ?= 60
+chaos: deps all
+	SPARK_SAN=$(SAN) $(PYTHON) tests/chaos/chaos.py --bin-dir $(abspath $(BUILD)/bin) --seconds $(CHAOS_SECONDS) \
+	    $(CHAOS_ARGS)
