@@ -7,8 +7,9 @@ Private servers (tests/integration/harness.py, pgserver.py, sources.py): a Redis
 a PostgreSQL migrated by `spark-worker --migrate`, and the local LangFlow fixture. Two sparkctl-started fleets
 consume the same queue: prefork (2 workers x 2) and threads (1 worker x 4 slots). For --seconds a producer sends
 spark.noop, spark.sleep and execute_workflow (one schedule each, so its run is countable) while the chaos thread
-kill -9s random worker processes, once kill -9s the prefork fleet's sparkd and starts it again, restarts Redis
-(AOF: nothing is lost by the restart itself) and restarts PostgreSQL. Then the fleets drain and it prints:
+kill -9s random worker processes and, once a minute (once in the 60 s run), kill -9s the prefork fleet's sparkd
+and starts it again, restarts Redis (AOF: nothing is lost by the restart itself) and restarts PostgreSQL. Then
+the fleets drain and it prints:
 
     sent        tasks send_task accepted
     completed   tasks whose stored result is SUCCESS
@@ -19,8 +20,8 @@ kill -9s random worker processes, once kill -9s the prefork fleet's sparkd and s
     re-called   workflow tasks whose source saw more than one run request (a kill mid-call: at-least-once)
     stuck rows  tasks rows left `running`
 
-and exits 1 on any loss, failure, wrong result, stuck row, message left held, or sanitizer report. Random choices
-come from --seed (printed), so a run can be repeated.
+and exits 1 on any loss, failure, wrong result, stuck row, message left held, or sanitizer report. The random
+choices come from --seed (printed); the timing of a run still varies.
 """
 import argparse
 import base64
@@ -272,13 +273,17 @@ class Run:
     def chaos(self):
         start = time.monotonic()
         end = start + args.seconds
-        once = [(0.3, self.kill_sparkd), (0.5, self.restart_redis), (0.7, self.restart_postgres)]
+        # each period of (at most) 60 s: sparkd at 30%, Redis at 50%, PostgreSQL at 70%, so a longer run
+        # repeats the whole cycle rather than idling through kills alone
+        period = min(args.seconds, 60.0)
+        once = [(k * period + f * period, step) for k in range(int(args.seconds // period))
+                for f, step in ((0.3, self.kill_sparkd), (0.5, self.restart_redis), (0.7, self.restart_postgres))]
         next_kill = start + self.rng.uniform(1.0, 3.0)
         while True:
             now = time.monotonic()
             if now >= end:
                 break
-            if once and now >= start + once[0][0] * args.seconds:
+            if once and now >= start + once[0][0]:
                 try:
                     once.pop(0)[1]()
                 except Exception as e:
