@@ -11,6 +11,8 @@
  *                                                            after the current tasks; start a replacement now
  *   draining                                                 stopped fetching (warm stop)
  *   problem [<text>]                                         e.g. broker unreachable; no text clears it
+ *   answer <reqid> <json>                                    one item of the answer to a query (command.h)
+ *   answered <reqid> <count>                                 the answer is complete: count items were sent
  *   queues [<name>=<len> ...]                                lengths of the consumed queues (all priority
  *                                                            steps summed), sent every few seconds by one
  *                                                            process; at most REPORT_MAX_QUEUES are read
@@ -34,20 +36,27 @@
 
 #include <stddef.h>
 
-#define SPARK_REPORT_FD  3
-#define SPARK_REPORT_MAX 65536 /* one datagram, the most sparkd reads at once */
+#include "wireline.h" /* SPARK_REPORT_FD, SPARK_REPORT_MAX, the escaping and the buffer */
 
 /* ---- the worker's side ---- */
 
-struct reporter { /* the worker's side; one per process, used from the loop thread only */
-	int fd;
-	int usable; /* -1 = not checked yet; fd must be a SOCK_SEQPACKET socket, else reports are dropped */
-	char *buf;  /* reports buffered since the last flush, newline-separated */
-	size_t len, cap;
+/* The worker's side: reports buffered on fd 3, used from the loop thread only. */
+struct reporter {
+	struct wl_out out;
 };
 
-void reporter_init(struct reporter *r, int fd);
-void reporter_free(struct reporter *r); /* drops what is buffered: flush first */
+static inline void
+reporter_init(struct reporter *r, int fd)
+{
+	wl_out_init(&r->out, fd);
+}
+
+static inline void
+reporter_free(struct reporter *r) /* drops what is buffered: flush first */
+{
+	wl_out_free(&r->out);
+}
+
 void report_ready(struct reporter *r, int slots);
 void report_start(struct reporter *r, int slot, double hard_limit, const char *task_id, const char *task_name);
 void report_finish(struct reporter *r, int slot, const char *task_id, const char *outcome, long processed,
@@ -57,12 +66,22 @@ void report_recycle(struct reporter *r, const char *reason);
 void report_draining(struct reporter *r);
 void report_problem(struct reporter *r, const char *text); /* NULL or "" clears the problem */
 void report_queues(struct reporter *r, int n, const char *const *names, const long long *lens);
+void report_answer(struct reporter *r, unsigned long reqid, const char *json); /* one item, JSON text */
+void report_answered(struct reporter *r, unsigned long reqid, int count);
 /* Send what is buffered: as few datagrams as possible, each <= SPARK_REPORT_MAX, split only between reports.
  * A report is appended to the buffer; the buffer is flushed first when the report would not fit. */
-void report_flush(struct reporter *r);
+static inline void
+report_flush(struct reporter *r)
+{
+	wl_flush(&r->out);
+}
 
 /* One string field, escaped as above (never empty); the caller frees it. NULL is written as "" is. */
-char *report_escape(const char *s);
+static inline char *
+report_escape(const char *s)
+{
+	return wl_escape(s);
+}
 
 /* ---- sparkd's side ---- */
 
@@ -76,6 +95,8 @@ enum report_kind {
 	REPORT_DRAINING,
 	REPORT_PROBLEM,
 	REPORT_QUEUES,
+	REPORT_ANSWER,
+	REPORT_ANSWERED,
 };
 
 #define REPORT_MAX_QUEUES 32
@@ -92,7 +113,9 @@ struct report {
 	long processed;
 	long rss_kib;
 	const char *reason;
-	const char *text; /* problem: "" clears it */
+	const char *text;    /* problem: "" clears it; answer: the JSON */
+	unsigned long reqid; /* answer, answered */
+	int count;           /* answered */
 	int nqueues;
 	const char *queue[REPORT_MAX_QUEUES];
 	long queue_len[REPORT_MAX_QUEUES];

@@ -26,12 +26,15 @@ struct wl_out {
 void wl_out_init(struct wl_out *o, int fd);
 void wl_out_free(struct wl_out *o); /* drops what is buffered: flush first */
 void wl_flush(struct wl_out *o);
+/* Whether lines on this fd go anywhere: builders on a hot path skip their work when not. */
+bool wl_on(struct wl_out *o);
 
 /* Building one line: mark = wl_begin(o, kind); wl_str/wl_num ...; wl_end(o, mark). A line longer than one
  * datagram is dropped by wl_end with a warning (builders refuse such fields before they get here). */
 size_t wl_begin(struct wl_out *o, const char *kind);
 void wl_str(struct wl_out *o, const char *s); /* a space and one escaped string field ("" and NULL as "-") */
-void wl_num(struct wl_out *o, const char *fmt, ...) __attribute__((format(printf, 2, 3))); /* a space, a number */
+/* numbers, as printf writes them: the format carries its own separators (" %d", "=%lld") */
+void wl_num(struct wl_out *o, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 void wl_end(struct wl_out *o, size_t mark);
 
 /* One string field, escaped (never empty); the caller frees it. NULL is written as "" is. */

@@ -263,7 +263,7 @@ void sd_finish(struct sparkd *sd);
 void sd_pidfile_write(struct sparkd *sd);
 void sd_cleanup(struct sparkd *sd);
 
-/* server.c */
+/* the control socket: server.c (binding, accepting), ctl-*.c (clients, peers, followers, methods, status) */
 int ctl_check_running(const char *path, char *err, size_t errlen);
 int ctl_listen(struct sparkd *sd, char *err, size_t errlen);
 void ctl_close_listener(struct sparkd *sd);
@@ -277,7 +277,7 @@ void ctl_pack_status(struct sparkd *sd, msgpack_packer *pk, bool verbose, bool w
 char *spawn_find_worker(const char *self_exe);
 pid_t spawn_child(const char *path, char *const argv[], int *out_fd, int *err_fd, int *rep_fd);
 
-/* supervise.c */
+/* supervision: supervise.c (process lifecycle), sup-state.c, sup-report.c, sup-limits.c, sup-stop.c */
 void sup_init(struct sparkd *sd);
 void sup_start_all(struct sparkd *sd);
 void sup_free(struct sparkd *sd);

@@ -257,7 +257,7 @@ engine_report_cb(evutil_socket_t fd, short what, void *arg)
 void
 engine_flush_reports(struct worker *w, bool now)
 {
-	if (w->rep.len == 0 && w->nunreported == 0 && !w->progress_dirty)
+	if (w->rep.out.len == 0 && w->nunreported == 0 && !w->progress_dirty)
 		return;
 	double t = now_mono();
 	if (now || t - w->reports_at >= REPORT_EVERY_S) {

@@ -430,11 +430,11 @@ test_not_usable(void **state)
 	for (size_t i = 0; i < 2; i++) {
 		struct reporter r;
 		reporter_init(&r, fds[i]);
-		assert_int_equal(r.usable, -1);
+		assert_int_equal(r.out.usable, -1);
 		report_ready(&r, 1);
 		report_start(&r, 0, 0, "id", "name");
-		assert_int_equal(r.usable, 0);
-		assert_int_equal(r.len, 0);
+		assert_int_equal(r.out.usable, 0);
+		assert_int_equal(r.out.len, 0);
 		report_flush(&r);
 		reporter_free(&r);
 	}
