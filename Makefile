@@ -190,7 +190,7 @@ lint:
 FUZZ_SECONDS ?= 60
 FUZZ_CC ?= clang
 FUZZ_DIR = build/fuzz
-FUZZ_TARGETS ?= proto message envfile url fernet report source
+FUZZ_TARGETS ?= proto message envfile url fernet report command source
 FUZZ_PKGS = msgpack jansson hiredis libevent libcurl libcrypto
 FUZZ_CFLAGS = -std=c11 -g -O1 -fno-omit-frame-pointer -fsanitize=address,undefined -D_GNU_SOURCE -Icommon -Iproto \
     -Iworker $(call PC,$(FUZZ_PKGS))
@@ -199,7 +199,8 @@ FUZZ_SRC_message = worker/message.c worker/message-codec.c worker/jscan.c common
 FUZZ_SRC_envfile = common/config.c common/url.c common/util.c common/log.c
 FUZZ_SRC_url = common/url.c common/util.c common/log.c
 FUZZ_SRC_fernet = worker/fernet.c common/util.c common/log.c
-FUZZ_SRC_report = common/report.c common/util.c common/log.c
+FUZZ_SRC_report = common/report.c common/wireline.c common/util.c common/log.c
+FUZZ_SRC_command = common/command.c common/wireline.c common/util.c common/log.c
 FUZZ_SRC_source = worker/source-shape.c common/util.c common/log.c
 $(FUZZ_DIR)/obj/%.o: %.c
 	@mkdir -p $(dir $@)
