@@ -374,7 +374,9 @@ class Run:
         print(f"  wrong:       {len(wrong)} workflow SUCCESS results that are not their completed row")
         for tid, m in list(wrong.items())[:10]:
             print(f"    {tid} schedule {self.sent[tid][1]}: {json.dumps(m.get('result'))[:200]}")
-        print(f"  run twice:   {len(twice)} (SUCCESS published more than once)")
+        seen = sum(1 for tid in self.sent if self.meta.successes(tid) > 0)
+        print(f"  run twice:   {len(twice)} (SUCCESS published more than once; a publish seen for {seen} of "
+              f"{len(self.sent)} tasks)")
         print(f"  re-called:   {len(recalled)} workflow tasks whose source saw the run again after a kill")
         print(f"  task rows:   " + ", ".join(f"{k} {v}" for k, v in rows.items())
               + f"; schedules with more than one row: {dup_rows}")
