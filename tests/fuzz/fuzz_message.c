@@ -39,7 +39,7 @@ fuzz_message_envelope(int mode, const uint8_t *data, size_t size, size_t *len)
 		return out;
 	}
 	if (mode == 1 || mode == 2) {
-		char *b64 = message_b64_encode(data, size);
+		char *b64 = b64_encode(data, size);
 		const char *headers = mode == 1 ? "{\"task\": \"spark.noop\", \"id\": \"i1\"}" : "{}";
 		n = asprintf(
 		    &out, "{\"body\": \"%s\", \"content-type\": \"application/json\", \"headers\": %s, " FUZZ_PROPS "}",
