@@ -13,6 +13,13 @@
 #include "util.h"
 #include "worker.h"
 
+#ifdef __SANITIZE_ADDRESS__
+#define JOB_FREE_MAX 0 /* SAN=1: every job freed, so that a use after its end is reported */
+#else
+#define JOB_FREE_MAX 256 /* ended jobs kept for reuse, at most (and at most max_held) */
+#endif
+#define JOB_BUF_KEEP (64u << 10) /* a reused job keeps buffers up to this size */
+
 /* Jitter for retry delays: xorshift64* seeded once per process (a syscall per task would cost more than the
  * task). */
 static double
@@ -49,22 +56,71 @@ job_free(struct job *j)
 	json_decref(j->run.result);
 	if (j->decoded)
 		message_free(&j->m);
-	free(j->raw);
-	free(j->tag);
-	free(j->out_meta);
+	if (j->tag_owned)
+		free((char *)j->tag);
 	free(j->out_env);
 	free(j->out_reason);
-	free(j);
+	/* kept for the next message, unless the process already keeps as many as it may hold or its buffers grew
+	 * for an unusual message */
+	if (w->nfree_jobs >= w->max_held || w->nfree_jobs >= JOB_FREE_MAX || j->raw_cap > JOB_BUF_KEEP ||
+	    j->meta_buf.cap > JOB_BUF_KEEP) {
+		free(j->raw);
+		sbuf_free(&j->meta_buf);
+		free(j);
+		return;
+	}
+	TAILQ_NEXT(j, entry) = w->free_jobs;
+	w->free_jobs = j;
+	w->nfree_jobs++;
 }
 
-/* The meta for j's outcome, in w->meta, copied out (NULL when results are not stored). */
+void
+job_free_pool(struct worker *w)
+{
+	while (w->free_jobs != NULL) {
+		struct job *j = w->free_jobs;
+		w->free_jobs = TAILQ_NEXT(j, entry);
+		free(j->raw);
+		sbuf_free(&j->meta_buf);
+		free(j);
+	}
+	w->nfree_jobs = 0;
+}
+
+/* A zeroed job, reused when one is kept: its raw and meta buffers stay allocated. */
+static struct job *
+job_alloc(struct worker *w, size_t len)
+{
+	struct job *j = w->free_jobs;
+	if (j == NULL) {
+		j = xcalloc(1, sizeof *j);
+	} else {
+		w->free_jobs = TAILQ_NEXT(j, entry);
+		w->nfree_jobs--;
+		char *raw = j->raw;
+		size_t cap = j->raw_cap;
+		struct sbuf meta = j->meta_buf;
+		memset(j, 0, sizeof *j);
+		j->raw = raw;
+		j->raw_cap = cap;
+		j->meta_buf = meta;
+	}
+	if (j->raw_cap < len + 1) {
+		free(j->raw);
+		j->raw_cap = len + 1 < 1024 ? 1024 : len + 1;
+		j->raw = xmalloc(j->raw_cap);
+	}
+	return j;
+}
+
+/* The meta for j's outcome, in the job's own buffer (NULL when results are not stored). */
 static char *
 job_meta(struct job *j, const char *status, const char *result_json, size_t result_len, const char *traceback)
 {
 	if (!j->store_result)
 		return NULL;
-	meta_build(&j->w->meta, j->m.task_id, status, result_json, result_len, traceback, &j->m);
-	return xstrndup(j->w->meta.p, j->w->meta.len);
+	meta_build(&j->meta_buf, j->m.task_id, status, result_json, result_len, traceback, &j->m);
+	return j->meta_buf.p;
 }
 
 static char *
@@ -214,24 +270,26 @@ job_flush_records(struct worker *w)
 struct job *
 job_new(struct worker *w, const char *qkey, const char *raw, size_t len, const char *tag, bool unrecorded)
 {
-	struct job *j = xcalloc(1, sizeof *j);
+	struct job *j = job_alloc(w, len);
 	j->w = w;
-	j->raw = xmalloc(len + 1);
 	memcpy(j->raw, raw, len);
 	j->raw[len] = '\0';
 	j->len = len;
 	j->qkey = qkey;
 	j->slot = -1;
-	j->tag = xstrdup(tag ? tag : "");
+	j->tag = "";
+	if (tag != NULL && tag[0] != '\0') {
+		j->tag = xstrdup(tag);
+		j->tag_owned = true;
+	}
 	TAILQ_INSERT_TAIL(&w->jobs, j, entry);
 	w->njobs++;
 
 	int decoded = message_decode(j->raw, j->len, &j->m);
 	j->decoded = true;
-	if (j->tag[0] == '\0' && j->m.delivery_tag != NULL && j->m.delivery_tag[0] != '\0') {
-		free(j->tag);
-		j->tag = xstrdup(j->m.delivery_tag);
-	}
+	/* the message's own tag lives in its store as long as the job */
+	if (j->tag[0] == '\0' && j->m.delivery_tag != NULL)
+		j->tag = j->m.delivery_tag;
 	j->unrecorded = unrecorded && j->tag[0] != '\0';
 	/* kombu's records go out at the end of the tick, for the jobs still held then: a job that ended within the
 	 * tick (a no-op) would only have written them to delete them in the same write */
@@ -489,7 +547,6 @@ job_task_done(struct task_run *run)
 			j->counted = true;
 			w->processed++;
 		}
-		free(j->out_meta);
 		j->out_meta = NULL;
 		job_end_revoked(j, j->terminated ? "terminated" : "revoked", NULL, false);
 		engine_tick(w);

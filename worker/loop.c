@@ -145,6 +145,7 @@ engine_free(struct worker *w)
 	rpipe_close(&w->backend);
 	while (!TAILQ_EMPTY(&w->jobs))
 		job_free(TAILQ_FIRST(&w->jobs));
+	job_free_pool(w);
 	for (int i = 0; i < 4; i++)
 		if (w->sig_ev[i] != NULL)
 			event_free(w->sig_ev[i]);

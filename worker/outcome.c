@@ -36,29 +36,6 @@ out_guarded(const struct job *j)
 	return j->m.redelivered || j->out_resent;
 }
 
-/* "%.6f" of an epoch time without printf (it runs for every task's kombu record). */
-static char *
-score_str(double t, char *buf, size_t len)
-{
-	if (!(t >= 0 && t < 1e15) || len < 32) {
-		snprintf(buf, len, "%.6f", t);
-		return buf;
-	}
-	unsigned long long us = (unsigned long long)(t * 1e6 + 0.5);
-	char tmp[32];
-	int n = 0;
-	for (int i = 0; i < 6; i++, us /= 10)
-		tmp[n++] = (char)('0' + us % 10);
-	tmp[n++] = '.';
-	do
-		tmp[n++] = (char)('0' + us % 10);
-	while ((us /= 10) > 0);
-	for (int i = 0; i < n; i++)
-		buf[i] = tmp[n - 1 - i];
-	buf[n] = '\0';
-	return buf;
-}
-
 /* celery-task-meta-<id>, in the worker's key buffer (valid until the next call). */
 static const char *
 meta_key(struct job *j, size_t *len)
@@ -207,8 +184,8 @@ out_zadd_eta(struct job *j, bool last)
 {
 	struct worker *w = j->w;
 	char *member = message_eta_member(j->qkey, j->out_env, strlen(j->out_env));
-	char score[64];
-	score_str(j->out_at, score, sizeof score);
+	char score[SBUF_FIXED_MAX];
+	sbuf_fixed(j->out_at, 6, score);
 	const char *zadd[] = {"ZADD", KEY_ETA, score, member ? member : ""};
 	out_cmd(j, &w->broker, last, 4, zadd, NULL);
 	free(member);
@@ -262,8 +239,8 @@ out_script_move(struct job *j)
 			out_script_move(j);
 			return;
 		}
-		char score[64];
-		score_str(j->out_at, score, sizeof score);
+		char score[SBUF_FIXED_MAX];
+		sbuf_fixed(j->out_at, 6, score);
 		const char *argv[] = {w->proc_key, KEY_UNACKED, KEY_UNACKED_INDEX, KEY_ETA, j->raw, j->tag,
 		                      score,       member};
 		size_t lens[] = {strlen(argv[0]), strlen(argv[1]), strlen(argv[2]), strlen(argv[3]),
@@ -406,8 +383,8 @@ outcome_record(struct job *j)
 	sbuf_add_json_string(b, rk, strlen(rk));
 	sbuf_adds(b, "]");
 	free(qname);
-	char now[64];
-	score_str(now_wall(), now, sizeof now);
+	char now[SBUF_FIXED_MAX];
+	sbuf_fixed(now_wall(), 6, now); /* kombu's unacked_index score */
 	const char *hset[] = {"HSET", KEY_UNACKED, j->tag, b->p};
 	size_t hl[] = {4, strlen(KEY_UNACKED), strlen(j->tag), b->len};
 	const char *zadd[] = {"ZADD", KEY_UNACKED_INDEX, now, j->tag};

@@ -4,6 +4,7 @@
  *   main.c      command line, configuration, process start and exit
  *   loop.c      the process: event base, signals, stops, recycling, limits, the per-tick flush
  *   rpipe.c     an async Redis connection (hiredis + libevent) that reconnects, loads scripts and reports down/up
+ *   rpipe-glue.c its loop events and pooled reply objects
  *   scripts.c   the Lua scripts (one definition each) and their ids
  *   fetch.c     batched reliable fetch, the idle wait (CLIENT TRACKING invalidations), reconcile after reconnect
  *   job.c       a held message from fetch to its end: decode, dispatch to a slot, time limits, task completion
@@ -95,6 +96,12 @@ void sbuf_adds(struct sbuf *b, const char *s);
 /* s as a JSON string literal (quotes, escapes); bytes that are not UTF-8 become U+FFFD */
 void sbuf_add_json_string(struct sbuf *b, const char *s, size_t n);
 void sbuf_free(struct sbuf *b);
+/* Numbers as the hot path writes them, without printf (a snprintf cost more than the rest of a meta): decimal, and
+ * v with 1 to 9 decimals as "%.*f" (snprintf's for values outside [0, 1e15)) into out, NUL-terminated; its length */
+void sbuf_add_uint(struct sbuf *b, unsigned long long v);
+size_t sbuf_digits(unsigned long long v, char *out); /* into out (20 bytes), not terminated; the count */
+#define SBUF_FIXED_MAX 48
+size_t sbuf_fixed(double v, int decimals, char out[SBUF_FIXED_MAX]);
 
 /* ---- message.c ---- */
 
@@ -173,6 +180,9 @@ double message_retry_countdown(const struct spark_config *cfg, int retries, doub
  * ["parent_id", "group_id",] "task_id"}. result_json is raw JSON (NULL = null); m may be NULL. */
 void meta_build(struct sbuf *b, const char *task_id, const char *status, const char *result_json, size_t result_len,
                 const char *traceback, const struct message *m);
+/* message_format_iso's text without printf, NUL-terminated; its length. */
+#define META_ISO_MAX 40
+size_t meta_iso(double t, bool aware, char out[META_ISO_MAX]);
 /* {"exc_type", "exc_message": [message], "exc_module"} as raw JSON into b (reset first). */
 void meta_exception(struct sbuf *b, const char *module, const char *type, const char *message);
 
@@ -223,8 +233,10 @@ struct rpipe {
 	double last_progress;                /* monotonic: last reply seen, or when inflight went from 0 to 1 */
 	unsigned long replies, replies_seen; /* replies counted, and as of the last hang check */
 	char sha[SCRIPT_COUNT][41];
-	struct rcall *free_calls; /* spare command records */
-	struct sbuf fmt;          /* the command being encoded */
+	struct rcall *free_calls;   /* spare command records */
+	struct rnode *free_replies; /* spare reply objects (rpipe.c's reply functions) */
+	int nfree_replies;
+	struct sbuf fmt; /* the command being encoded */
 	/* called once ready after each (re)connect, and when the connection is lost */
 	void (*on_up)(struct rpipe *p);
 	void (*on_down)(struct rpipe *p);
@@ -248,6 +260,9 @@ void rpipe_fail(struct rpipe *p, const char *why);
 void rpipe_flush(struct rpipe *p);
 /* Drop a connection whose oldest outstanding reply is older than the limit (a hung server). */
 void rpipe_check_hung(struct rpipe *p, double limit_s);
+/* rpipe-glue.c: the connection's loop events and reply objects (set on each new context), and their free list */
+void rpipe_glue_attach(struct rpipe *p, struct redisAsyncContext *ac);
+void rpipe_glue_free(struct rpipe *p);
 
 /* ---- the process ---- */
 
@@ -274,9 +289,11 @@ struct job {
 	enum job_state state;
 	char *raw; /* the envelope exactly as in the processing list */
 	size_t len;
+	size_t raw_cap;   /* bytes allocated at raw (kept when the job is reused) */
 	const char *qkey; /* the queue key it came from (one of w->qkeys) */
 	bool unrecorded;  /* kombu's unacked records are still to be written */
-	char *tag;        /* kombu delivery tag, "" when none */
+	const char *tag;  /* kombu delivery tag, "" when none: the message's own, or owned (tag_owned) */
+	bool tag_owned;
 	struct message m;
 	bool decoded; /* m holds a decoded message (message_free due) */
 	int slot;     /* slot index while running, else -1 */
@@ -296,7 +313,8 @@ struct job {
 	enum outcome_kind out;
 	const char *report_outcome; /* success failure retry revoked requeued */
 	bool counted;               /* counts as processed */
-	char *out_meta;             /* the meta to store (NULL: none) */
+	char *out_meta;             /* the meta to store (NULL: none), in meta_buf */
+	struct sbuf meta_buf;       /* kept when the job is reused */
 	char *out_env;              /* OUT_RETRY: the retry envelope; OUT_REQUEUE: the marked one */
 	double out_at;              /* OUT_RETRY, OUT_PARK: the ETA score */
 	char *out_reason;           /* OUT_DEADLETTER */
@@ -374,7 +392,9 @@ struct worker {
 	int down;          /* connections currently down (for the "problem" report) */
 	char problem[400]; /* why the last one went down */
 
-	struct jobq jobs;       /* every message this process holds */
+	struct jobq jobs;      /* every message this process holds */
+	struct job *free_jobs; /* ended jobs kept for reuse, with their buffers (job.c) */
+	int nfree_jobs;
 	struct job **to_record; /* jobs fetched this tick whose kombu records wait for the tick's end */
 	int nto_record, to_record_cap;
 	struct job **unreported; /* jobs started since the last report flush */
@@ -471,7 +491,8 @@ void fetch_on_invalidate(struct worker *w, const char *key, size_t len);
 /* job.c */
 struct job *job_new(struct worker *w, const char *qkey, const char *raw, size_t len, const char *tag, bool unrecorded);
 void job_free(struct job *j);
-void job_dispatch(struct worker *w); /* start reserved jobs in free slots */
+void job_free_pool(struct worker *w); /* the jobs kept for reuse (engine_free) */
+void job_dispatch(struct worker *w);  /* start reserved jobs in free slots */
 void job_cancel_all(struct worker *w, enum task_cancel why);
 void job_abandon_running(struct worker *w);  /* cold stop, grace over: put back what still runs */
 void job_requeue_reserved(struct worker *w); /* warm stop: put back what has not started */
