@@ -49,6 +49,10 @@ job_free(struct job *j)
 		for (int i = 0; i < w->nunreported; i++)
 			if (w->unreported[i] == j)
 				w->unreported[i] = NULL;
+	if (j->ack_queued)
+		for (int i = 0; i < w->nacks; i++)
+			if (w->acks[i] == j)
+				w->acks[i] = NULL;
 	if (j->state == JOB_WRITING)
 		w->writing--;
 	TAILQ_REMOVE(&w->jobs, j, entry);

@@ -180,6 +180,7 @@ engine_free(struct worker *w)
 	free(w->qlen_acc);
 	free(w->slots);
 	free(w->to_record);
+	free(w->acks);
 	free(w->unreported);
 	free(w->proc_key);
 	free(w->landing_key);
@@ -368,6 +369,8 @@ engine_tick_cb(evutil_socket_t fd, short what, void *arg)
 	engine_flush_reports(w, false);
 	if (w->events.nbatch > 0)
 		events_flush(w);
+	if (w->nacks > 0)
+		outcome_flush(w);
 	rpipe_flush(&w->broker);
 	rpipe_flush(&w->backend);
 }

@@ -324,6 +324,7 @@ struct job {
 	bool out_lost;              /* a reply was lost: write the phase again once reconnected */
 	bool out_resent;            /* written again after a lost reply: the guarded writer from now on */
 	bool out_confirmed;         /* every phase confirmed */
+	bool ack_queued;            /* its plain end waits in w->acks for the end of the tick */
 	bool task_ended;            /* an abandoned job's task has called done */
 	int record_pending;         /* replies of kombu's records outstanding */
 	int slot_reported;          /* the slot in its start report */
@@ -397,6 +398,8 @@ struct worker {
 	int nfree_jobs;
 	struct job **to_record; /* jobs fetched this tick whose kombu records wait for the tick's end */
 	int nto_record, to_record_cap;
+	struct job **acks; /* jobs whose plain end waits for the tick's shared MULTI/EXEC (outcome_flush) */
+	int nacks, acks_cap;
 	struct job **unreported; /* jobs started since the last report flush */
 	int nunreported, unreported_cap;
 	bool progress_dirty; /* tasks counted since the last flush without a report of their own */
@@ -509,6 +512,7 @@ bool job_is_workflow(const struct job *j);
 /* outcome.c */
 void outcome_write(struct job *j);     /* write j's end (j->out set); frees j once confirmed */
 void outcome_resend(struct worker *w); /* after a reconnect: write again every end whose reply was lost */
+void outcome_flush(struct worker *w);  /* end of tick: the plain ends queued in it, in one MULTI/EXEC */
 /* The meta store for a job's start (STARTED), on the right connection, without waiting. */
 void outcome_started(struct job *j);
 /* kombu's unacked records for a job taken by a plain LMOVE (no round trip of its own). */
