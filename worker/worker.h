@@ -363,10 +363,11 @@ struct task_events {
 	uint64_t rng;        /* delivery tags */
 	struct sbuf head;    /* the body's fields every event repeats: hostname, utcoffset, pid */
 	struct sbuf mid;     /* the envelope between the body and the routing key */
-	struct sbuf body, env, chan;
-	struct sbuf batch; /* the tick's events, comma-separated: one PUBLISH at the end of the tick */
+	struct sbuf env, chan;
+	struct sbuf batch; /* "[" and the tick's events, comma-separated: one PUBLISH at the end of the tick */
 	int nbatch;
 	const char *batch_type; /* the only event's type while nbatch is 1 */
+	char b64[4096][2];      /* base64 of every 12 bits: two characters per lookup */
 };
 
 struct worker {
