@@ -13,13 +13,6 @@
 #include "util.h"
 #include "worker.h"
 
-#ifdef __SANITIZE_ADDRESS__
-#define JOB_FREE_MAX 0 /* SAN=1: every job freed, so that a use after its end is reported */
-#else
-#define JOB_FREE_MAX 256 /* ended jobs kept for reuse, at most (and at most max_held) */
-#endif
-#define JOB_BUF_KEEP (64u << 10) /* a reused job keeps buffers up to this size */
-
 /* Jitter for retry delays: xorshift64* seeded once per process (a syscall per task would cost more than the
  * task). */
 static double
@@ -33,88 +26,6 @@ rand01(struct worker *w)
 	w->rng ^= w->rng << 25;
 	w->rng ^= w->rng >> 27;
 	return (double)((w->rng * 0x2545F4914F6CDD1DULL) >> 11) / 9007199254740992.0;
-}
-
-void
-job_free(struct job *j)
-{
-	struct worker *w = j->w;
-	if (j->timers_assigned) {
-		event_del(&j->soft_ev);
-		event_del(&j->hard_ev);
-	}
-	if (j->record_queued || j->started_queued)
-		job_unqueue_record(j);
-	if (j->report_queued)
-		for (int i = 0; i < w->nunreported; i++)
-			if (w->unreported[i] == j)
-				w->unreported[i] = NULL;
-	if (j->ack_queued)
-		for (int i = 0; i < w->nacks; i++)
-			if (w->acks[i] == j)
-				w->acks[i] = NULL;
-	if (j->state == JOB_WRITING)
-		w->writing--;
-	TAILQ_REMOVE(&w->jobs, j, entry);
-	w->njobs--;
-	json_decref(j->run.result);
-	if (j->decoded)
-		message_free(&j->m);
-	if (j->tag_owned)
-		free((char *)j->tag);
-	free(j->out_env);
-	free(j->out_reason);
-	/* kept for the next message, unless the process already keeps as many as it may hold or its buffers grew
-	 * for an unusual message */
-	if (w->nfree_jobs >= w->max_held || w->nfree_jobs >= JOB_FREE_MAX || j->raw_cap > JOB_BUF_KEEP ||
-	    j->meta_buf.cap > JOB_BUF_KEEP) {
-		free(j->raw);
-		sbuf_free(&j->meta_buf);
-		free(j);
-		return;
-	}
-	TAILQ_NEXT(j, entry) = w->free_jobs;
-	w->free_jobs = j;
-	w->nfree_jobs++;
-}
-
-void
-job_free_pool(struct worker *w)
-{
-	while (w->free_jobs != NULL) {
-		struct job *j = w->free_jobs;
-		w->free_jobs = TAILQ_NEXT(j, entry);
-		free(j->raw);
-		sbuf_free(&j->meta_buf);
-		free(j);
-	}
-	w->nfree_jobs = 0;
-}
-
-/* A zeroed job, reused when one is kept: its raw and meta buffers stay allocated. */
-static struct job *
-job_alloc(struct worker *w, size_t len)
-{
-	struct job *j = w->free_jobs;
-	if (j == NULL) {
-		j = xcalloc(1, sizeof *j);
-	} else {
-		w->free_jobs = TAILQ_NEXT(j, entry);
-		w->nfree_jobs--;
-		char *raw = j->raw;
-		size_t cap = j->raw_cap;
-		struct sbuf meta = j->meta_buf;
-		memset(j, 0, sizeof *j);
-		j->raw = raw;
-		j->raw_cap = cap;
-		j->meta_buf = meta;
-	}
-	if (j->raw_cap < len + 1) {
-		free(j->raw);
-		j->raw_cap = len + 1 < 1024 ? 1024 : len + 1;
-		j->raw = xmalloc(j->raw_cap);
-	}
-	return j;
 }
 
 /* The meta for j's outcome, in the job's own buffer (NULL when results are not stored). */
@@ -192,83 +103,6 @@ job_reject(struct job *j, const char *module, const char *type, const char *mess
 	if (j->w->events.on && j->m.task_id != NULL)
 		events_rejected(j->w, j);
 	outcome_write(j);
-}
-
-void
-job_queue_report(struct job *j)
-{
-	struct worker *w = j->w;
-	if (w->nunreported == w->unreported_cap) {
-		w->unreported_cap = w->unreported_cap ? 2 * w->unreported_cap : 64;
-		w->unreported = xrealloc(w->unreported, (size_t)w->unreported_cap * sizeof *w->unreported);
-	}
-	w->unreported[w->nunreported++] = j;
-	j->report_queued = true;
-}
-
-/* Report flush: the starts of the jobs still running. A task that began and ended between two flushes is only
- * counted (report_progress): sparkd tracks tasks that last, and the per-task pair would cost more than the task. */
-void
-job_report_starts(struct worker *w)
-{
-	for (int i = 0; i < w->nunreported; i++) {
-		struct job *j = w->unreported[i];
-		if (j == NULL)
-			continue;
-		j->report_queued = false;
-		if (j->state != JOB_RUNNING)
-			continue;
-		report_start(&w->rep, j->slot, j->hard_s, j->m.task_id, j->m.task_name);
-		j->started_report = true;
-		j->slot_reported = j->slot;
-	}
-	w->nunreported = 0;
-}
-
-void
-job_queue_record(struct job *j)
-{
-	struct worker *w = j->w;
-	if (j->record_queued || j->started_queued) /* already in the list */
-		return;
-	if (w->nto_record == w->to_record_cap) {
-		w->to_record_cap = w->to_record_cap ? 2 * w->to_record_cap : 64;
-		w->to_record = xrealloc(w->to_record, (size_t)w->to_record_cap * sizeof *w->to_record);
-	}
-	w->to_record[w->nto_record++] = j;
-}
-
-void
-job_unqueue_record(struct job *j)
-{
-	struct worker *w = j->w;
-	for (int i = 0; i < w->nto_record; i++)
-		if (w->to_record[i] == j)
-			w->to_record[i] = NULL;
-	j->record_queued = j->started_queued = false;
-}
-
-/*
- * End of tick: kombu's records of the jobs fetched in it, and the STARTED metas of the jobs started in it, for
- * those still held then. A job that ended within the tick (a no-op) writes neither: its records would be deleted
- * by the same write, and its STARTED would be overwritten by its outcome before anyone could read it (it would
- * only cost four commands and, on a subscriber, a message announcing what is already over).
- */
-void
-job_flush_records(struct worker *w)
-{
-	for (int i = 0; i < w->nto_record; i++) {
-		struct job *j = w->to_record[i];
-		if (j == NULL)
-			continue;
-		bool record = j->record_queued, started = j->started_queued;
-		j->record_queued = j->started_queued = false;
-		if (record && (j->state == JOB_RESERVED || j->state == JOB_RUNNING))
-			outcome_record(j);
-		if (started && j->state == JOB_RUNNING)
-			outcome_started(j);
-	}
-	w->nto_record = 0;
 }
 
 struct job *

@@ -293,11 +293,7 @@ static void
 outcome_queue_ack(struct job *j)
 {
 	struct worker *w = j->w;
-	if (w->nacks == w->acks_cap) {
-		w->acks_cap = w->acks_cap ? 2 * w->acks_cap : 64;
-		w->acks = xrealloc(w->acks, (size_t)w->acks_cap * sizeof *w->acks);
-	}
-	w->acks[w->nacks++] = j;
+	job_list_add(&w->acks, &w->nacks, &w->acks_cap, j);
 	j->ack_queued = true;
 	engine_tick(w);
 }

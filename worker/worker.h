@@ -8,6 +8,7 @@
  *   scripts.c   the Lua scripts (one definition each) and their ids
  *   fetch.c     batched reliable fetch, the idle wait (CLIENT TRACKING invalidations), reconcile after reconnect
  *   job.c       a held message from fetch to its end: decode, dispatch to a slot, time limits, task completion
+ *   job-pool.c  jobs' memory, reused;  job-tick.c  what held jobs send at the end of a tick
  *   outcome.c   "record, then ack": the one place that writes a job's outcome and confirms it
  *   sweep.c     housekeeping: ETA moves, lease refresh, dead-process recovery, kombu sweep, queue lengths
  *   message.c   Celery envelope scan (jsmn, no DOM on the hot path), retry envelopes, key naming
@@ -495,12 +496,15 @@ void fetch_on_invalidate(struct worker *w, const char *key, size_t len);
 
 /* job.c */
 struct job *job_new(struct worker *w, const char *qkey, const char *raw, size_t len, const char *tag, bool unrecorded);
+/* job-pool.c: a zeroed job (its buffers kept when reused; raw has room for len + 1), its end, the spare ones */
+struct job *job_alloc(struct worker *w, size_t len);
 void job_free(struct job *j);
 void job_free_pool(struct worker *w); /* the jobs kept for reuse (engine_free) */
 void job_dispatch(struct worker *w);  /* start reserved jobs in free slots */
 void job_cancel_all(struct worker *w, enum task_cancel why);
 void job_abandon_running(struct worker *w);  /* cold stop, grace over: put back what still runs */
 void job_requeue_reserved(struct worker *w); /* warm stop: put back what has not started */
+void job_list_add(struct job ***list, int *n, int *cap, struct job *j); /* append to a growable list of the tick */
 void job_queue_record(struct job *j);
 void job_unqueue_record(struct job *j);
 void job_flush_records(struct worker *w); /* end of tick: kombu's records of the jobs still held */
