@@ -178,9 +178,12 @@ format:
 	clang-format -i $(FORMAT_SRC)
 check-format:
 	clang-format --dry-run -Werror $(FORMAT_SRC)
+# cppcheck reads no system headers: it is given <sys/queue.h> (wherever this system keeps it), whose TAILQ_FOREACH
+# it otherwise cannot parse, and so reported the loop variables as uninitialised
+QUEUE_H = $(shell $(CC) -M -E -x c /dev/null -include sys/queue.h 2>/dev/null | tr ' \\' '\n\n' | grep 'sys/queue\.h$$' | head -n 1)
 lint:
 	cppcheck --quiet --error-exitcode=1 --enable=warning,portability --inline-suppr \
-	    --suppress=missingIncludeSystem -D__GNUC__ -Icommon -Iproto $(FORMAT_SRC)
+	    --suppress=missingIncludeSystem -D__GNUC__ -Icommon -Iproto $(if $(QUEUE_H),--include=$(QUEUE_H)) $(FORMAT_SRC)
 
 # ---- fuzzing (libFuzzer: clang and libclang-rt-14-dev, which make deps installs) ----
 #   make fuzz                    every target for FUZZ_SECONDS each (seed corpus: tests/fuzz/<target>/)

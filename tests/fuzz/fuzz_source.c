@@ -22,7 +22,10 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	if (json_is_array(reply)) {
 		size_t i;
 		json_t *item;
-		json_array_foreach(reply, i, item) source_hive_item_id(item);
+		json_array_foreach(reply, i, item)
+		{
+			source_hive_item_id(item);
+		}
 	}
 	static const enum hive_kind kinds[] = {HIVE_NONE, HIVE_AGENT, HIVE_TEAM, HIVE_WORKFLOW};
 	for (size_t k = 0; k < sizeof kinds / sizeof kinds[0]; k++) {
