@@ -15,11 +15,13 @@ peak and mean of requests it held open, its loop lag and how late its replies le
 tasks/s = rows completed / (last finished_at - release).
 
 Usage: bench/workflow.py BIN_DIR [--tasks N] [--tasks-slow N] [--runs R] [--only LABEL,...] [--schedules K]
+                         [--base-bin OTHER_BIN_DIR] [--perf PREFIX]
 """
 import argparse
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -183,33 +185,50 @@ def measure(system, r, s, sched, n, delay, conc):
             "fx_cpu_pct": 100.0 * fx_cpu / elapsed if elapsed > 0 else None, "row_errors": errors}
 
 
-def run(bindir, tmp, r, tasks, tasks_slow, runs, only=None, schedules=SCHEDULES, log=print):
+def perf_start(system, out):
+    """perf record -g on the worker processes of one run (a profile of what the worker spends its CPU on)."""
+    pids = ",".join(str(p) for p in system.pids())
+    # PERF_CALL_GRAPH=dwarf for libraries built without frame pointers (jansson, curl: their callers)
+    cg = os.environ.get("PERF_CALL_GRAPH", "fp")
+    return subprocess.Popen(["perf", "record", "-q", "-F", "499", "--call-graph", cg, "-o", out, "-p", pids],
+                            stdout=subprocess.DEVNULL)
+
+
+def run(bindir, tmp, r, tasks, tasks_slow, runs, only=None, schedules=SCHEDULES, log=print, base_bin=None,
+        perf=None):
     raise_nofile()
     bindir = os.path.abspath(bindir)
     configs = [c for c in CONFIGS if not only or c[0] in only]
+    # with a base build: its run and ours alternate within each round, so both see the same machine load
+    builds = [("before: ", os.path.abspath(base_bin)), ("", bindir)] if base_bin else [("", bindir)]
     s = Setup(bindir, tmp)
     app = celery_client(r.url(0), r.url(1))
-    res = {c[0]: [] for c in configs}
+    res = {prefix + c[0]: [] for c in configs for prefix, _ in builds}
     try:
         cap = s.fixture.capacity(CAPACITY_REQUESTS, SLOW)
         log(f"fixture capacity: {cap['ok']}/{cap['requests']} requests answered, peak {cap['peak']} open at once, "
             f"in {cap['secs']:.2f} s at {cap['delay']} s delay (loop lag max {cap['max_lag_ms']:.0f} ms)")
-        for i in range(runs):
-            for cfg in configs:
-                n, delay = (tasks_slow, SLOW) if cfg[5] else (tasks, FAST)
-                sched = s.schedules(schedules)
-                stage(r, app, sched, n)
-                system = make_system(cfg, bindir, tmp, r, s)
-                try:
-                    system.start()
-                    out = measure(system, r, s, sched, n, delay, cfg[3] * cfg[4])
-                except BenchError as e:
-                    out = {"error": f"start: {e}", "completed": 0}
-                finally:
-                    system.stop(30)
-                out.update(n=n, delay=delay)
-                res[cfg[0]].append(out)
-                log(f"workflow run {i + 1}: {cfg[0]}: " + describe(out))
+        for i, cfg, (prefix, bd) in ((i, c, b) for i in range(runs) for c in configs for b in builds):
+            n, delay = (tasks_slow, SLOW) if cfg[5] else (tasks, FAST)
+            sched = s.schedules(schedules)
+            stage(r, app, sched, n)
+            system = make_system(cfg, bd, tmp, r, s)
+            prof = None
+            try:
+                system.start()
+                if perf:
+                    prof = perf_start(system, f"{perf}.{prefix.strip(': ') or 'after'}.{i + 1}")
+                out = measure(system, r, s, sched, n, delay, cfg[3] * cfg[4])
+            except BenchError as e:
+                out = {"error": f"start: {e}", "completed": 0}
+            finally:
+                if prof:
+                    prof.send_signal(signal.SIGINT)
+                    prof.wait(60)
+                system.stop(30)
+            out.update(n=n, delay=delay)
+            res[prefix + cfg[0]].append(out)
+            log(f"workflow run {i + 1}: {prefix}{cfg[0]}: " + describe(out))
     finally:
         s.stop()
     return report(res, cap, runs, schedules), res
@@ -264,13 +283,15 @@ def main():
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--only", default="", help="comma-separated configuration labels")
     ap.add_argument("--schedules", type=int, default=SCHEDULES, help="schedules the tasks go round-robin over")
+    ap.add_argument("--base-bin", help="another build's bin dir, run alternately with BIN_DIR in each round")
+    ap.add_argument("--perf", metavar="PREFIX", help="perf record the workers of each run into PREFIX.BUILD.RUN (PERF_CALL_GRAPH: fp or dwarf)")
     a = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="spark-bench-")
     os.chmod(tmp, 0o755)
     r = RedisServer(tmp)
     try:
         lines, _ = run(a.bindir, tmp, r, a.tasks, a.tasks_slow, a.runs, [x for x in a.only.split(",") if x],
-                       a.schedules)
+                       a.schedules, base_bin=a.base_bin, perf=a.perf)
     finally:
         r.stop()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -24,6 +24,7 @@
 #define EXIT_DEADLINE_S 3.0 /* after the last job, how long unregistering may take */
 #define HUNG_AFTER_S    30.0
 #define HOUSEKEEPING_S  0.05
+#define HEAP_CHECK_S    0.05
 #define REPORT_EVERY_S  0.01 /* task starts and ends reach sparkd within this; one datagram per interval */
 
 static bool
@@ -114,6 +115,7 @@ engine_init(struct worker *w, const struct spark_config *cfg, const char *node, 
 	int mult = cfg->prefetch_multiplier > 0 ? cfg->prefetch_multiplier : 1;
 	w->max_held = nslots * mult;
 	TAILQ_INIT(&w->jobs);
+	TAILQ_INIT(&w->reserved);
 	w->backend_on_broker = cfg->result_backend != NULL && same_server(&cfg->broker, &cfg->backend);
 	/* what every task's writes repeat, formatted once */
 	snprintf(w->ttl_str, sizeof w->ttl_str, "%d", RESULT_EXPIRES);
@@ -352,13 +354,19 @@ engine_tick_cb(evutil_socket_t fd, short what, void *arg)
 	 * passed: mallinfo2 is a cheap userspace signal, a statm read costs a syscall per task.
 	 */
 	if (w->processed != w->rss_checked_at) {
-		/* mallinfo2 walks the allocator's bins (a few thousand instructions): once per batch of finished
-		 * tasks, not again in a tick that finished none */
+		/* mallinfo2 consolidates the fast bins and walks every free chunk: cheap for a one-slot process, which
+		 * keeps Celery's check after each task, but with a thousand tasks in flight the heap holds thousands of
+		 * free chunks and a wave of ends makes hundreds of ticks: reading it in each was a tenth of the
+		 * worker's CPU. So a process with several slots reads it at most every HEAP_CHECK_S; a skipped check is
+		 * made by a later tick (housekeeping makes one every HOUSEKEEPING_S), as processed still differs from
+		 * rss_checked_at. */
 		double t = now_mono();
 		bool due = t - w->rss_read_at >= 1.0;
+		double every = w->nslots > 1 ? HEAP_CHECK_S : 0;
 		size_t heap = 0;
-		if (due || w->processed != w->heap_checked_at) {
+		if (due || (w->processed != w->heap_checked_at && t - w->heap_read_at >= every)) {
 			w->heap_checked_at = w->processed;
+			w->heap_read_at = t;
 			struct mallinfo2 mi = mallinfo2();
 			heap = mi.uordblks + mi.hblkhd;
 		}
