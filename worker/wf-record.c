@@ -367,7 +367,7 @@ wf_rec_queue(struct wf_job *j, enum wf_end end, const char *status, json_t *outp
 	j->rec_msg = msg;
 	j->rec_what = what;
 	/* out of current_tasks before the write that ends it, as the row leaves `running` there */
-	j->current = false;
+	wf_set_current(j, false);
 	j->committed = false;
 	j->phase = WF_RECORD;
 	TAILQ_INSERT_TAIL(&j->st->recq, j, qentry);

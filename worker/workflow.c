@@ -79,6 +79,7 @@ wf_job_free(struct wf_job *j)
 	free(j->input);
 	free(j->error);
 	free(j->claim_text);
+	wf_set_current(j, false);
 	free(j);
 }
 
