@@ -408,9 +408,15 @@ wf_finish_ok(struct wf_job *j, json_t *output)
 		return;
 	}
 	/* stored as automagik-spark does: a JSON string holding json.dumps(output) (or the text itself) */
-	char *text = json_is_string(output) ? xstrdup(json_string_value(output)) : json_dumps(output, JSON_ENCODE_ANY);
-	json_t *s = text ? json_string(text) : NULL;
-	free(text);
+	json_t *s = NULL;
+	if (json_is_string(output)) {
+		s = json_incref(output);
+	} else {
+		/* jansson's own output is valid UTF-8: no second check of it */
+		char *text = json_dumps(output, JSON_ENCODE_ANY);
+		s = text ? json_stringn_nocheck(text, strlen(text)) : NULL;
+		free(text);
+	}
 	if (!s)
 		fatalx("workflow: out of memory");
 	j->st->succeeded++;

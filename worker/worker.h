@@ -459,7 +459,6 @@ struct worker {
 	double rss_read_at;
 	size_t heap_at_read;  /* mallinfo2's bytes in use when the resident size was last read */
 	long heap_checked_at; /* processed when mallinfo2 was last read */
-	double heap_read_at;  /* monotonic: when mallinfo2 was last read */
 	uint64_t rng;
 	double reports_at; /* monotonic: the last report flush */
 	struct event *report_ev;
