@@ -15,11 +15,16 @@ peak and mean of requests it held open, its loop lag and how late its replies le
 tasks/s = rows completed / (last finished_at - release).
 
 Usage: bench/workflow.py BIN_DIR [--tasks N] [--tasks-slow N] [--runs R] [--only LABEL,...] [--schedules K]
+                         [--base-bin OTHER_BIN_DIR] [--perf PREFIX]
+Per run it also prints the worker's CPU per task (utime + stime from /proc over the rows completed); with
+BENCH_TIMELINE=K the rows claimed and finished in each 1/K s after the release; --perf records each run's workers
+(PERF_CALL_GRAPH=dwarf for callers inside libraries without frame pointers, PERF_FREQ samples per second).
 """
 import argparse
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -37,6 +42,7 @@ STAGING = "bench:staging"
 SCHEDULES = 64
 FAST, SLOW = 0.2, 2.0
 CAPACITY_REQUESTS = 1100
+TIMELINE_BINS = int(os.environ.get("BENCH_TIMELINE") or 4)  # bins per second of the printed timeline
 FLOW = "bench-flow"
 
 # (label, kind, pool, workers, concurrency, slow fixture)
@@ -136,6 +142,8 @@ def measure(system, r, s, sched, n, delay, conc):
     deadline, stall_after = 3 * ideal + 60, max(30.0, 5 * delay)
     peak = {"rss": 0, "rss_max": 0, "pg": 0, "redis": 0}
     t_wall, t0 = time.time(), time.monotonic()
+    cpu0 = {p: cpu_seconds(p) or 0.0 for p in system.pids()}
+    cpu_last = dict(cpu0)
     r.broker.rename(STAGING, "celery")
     last_move, last_key, st, error, sample = t0, None, {}, None, 0
     while True:
@@ -148,6 +156,10 @@ def measure(system, r, s, sched, n, delay, conc):
             peak["pg"] = max(peak["pg"], s.query("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
                                                  (APP_NAME[system.kind],))[0][0])
         sample += 1
+        for p in pids:  # the last reading of each worker process: its CPU until then
+            c = cpu_seconds(p)
+            if c is not None:
+                cpu_last[p] = c
         st = statuses(s, sched)
         final = st.get("completed", 0) + st.get("failed", 0)
         if final >= n and not st.get("running") and not st.get("pending"):
@@ -174,42 +186,68 @@ def measure(system, r, s, sched, n, delay, conc):
     errors = s.query("SELECT left(coalesce(error, status), 120), count(*) FROM tasks WHERE schedule_id ="
                      " ANY(%s::uuid[]) AND status <> 'completed' GROUP BY 1 ORDER BY 2 DESC LIMIT 2", (sched,))
     done = st.get("completed", 0)
+    worker_cpu = sum(c - cpu0.get(p, 0.0) for p, c in cpu_last.items())
+    # where a run's time goes: rows started (claimed) and finished in each 1/TIMELINE_BINS s after the release
+    (tl,), = s.query("SELECT json_agg(json_build_array(b, st, fi) ORDER BY b) FROM (SELECT b,"
+                     " count(*) FILTER (WHERE k = 's') AS st, count(*) FILTER (WHERE k = 'f') AS fi FROM ("
+                     "SELECT 's' AS k, floor((extract(epoch FROM started_at) - %s) * %s) AS b FROM tasks WHERE"
+                     " schedule_id = ANY(%s::uuid[]) UNION ALL SELECT 'f', floor((extract(epoch FROM finished_at) - %s)"
+                     " * %s) FROM tasks WHERE schedule_id = ANY(%s::uuid[])) x GROUP BY b) y",
+                     (t_wall, TIMELINE_BINS, sched, t_wall, TIMELINE_BINS, sched))
     span = (float(last_done) - t_wall) if last_done is not None else None
     return {"error": error, "completed": done, "statuses": st, "missing": max(0, n - sum(st.values())),
             "rate": done / span if span and span > 0 else None, "inflight_peak": fst["peak"],
             "inflight_mean": fst["area"] / elapsed if elapsed > 0 else None, "rss_mib": peak["rss"] / 1024,
             "rss_max_mib": peak["rss_max"] / 1024, "pg": peak["pg"], "redis": peak["redis"],
             "fx_lag_ms": fst["max_lag_ms"], "fx_late_p99_ms": fst["overshoot_ms_p99"],
-            "fx_cpu_pct": 100.0 * fx_cpu / elapsed if elapsed > 0 else None, "row_errors": errors}
+            "fx_cpu_pct": 100.0 * fx_cpu / elapsed if elapsed > 0 else None, "row_errors": errors,
+            "cpu_ms_per_task": 1000.0 * worker_cpu / done if done else None, "timeline": tl or []}
 
 
-def run(bindir, tmp, r, tasks, tasks_slow, runs, only=None, schedules=SCHEDULES, log=print):
+def perf_start(system, out):
+    """perf record -g on the worker processes of one run (a profile of what the worker spends its CPU on)."""
+    pids = ",".join(str(p) for p in system.pids())
+    # PERF_CALL_GRAPH=dwarf for libraries built without frame pointers (jansson, curl: their callers)
+    cg = os.environ.get("PERF_CALL_GRAPH", "fp")
+    return subprocess.Popen(["perf", "record", "-q", "-F", os.environ.get("PERF_FREQ", "499"), "--call-graph", cg, "-o", out, "-p", pids],
+                            stdout=subprocess.DEVNULL)
+
+
+def run(bindir, tmp, r, tasks, tasks_slow, runs, only=None, schedules=SCHEDULES, log=print, base_bin=None,
+        perf=None):
     raise_nofile()
     bindir = os.path.abspath(bindir)
     configs = [c for c in CONFIGS if not only or c[0] in only]
+    # with a base build: its run and ours alternate within each round, so both see the same machine load
+    builds = [("before: ", os.path.abspath(base_bin)), ("", bindir)] if base_bin else [("", bindir)]
     s = Setup(bindir, tmp)
     app = celery_client(r.url(0), r.url(1))
-    res = {c[0]: [] for c in configs}
+    res = {prefix + c[0]: [] for c in configs for prefix, _ in builds}
     try:
         cap = s.fixture.capacity(CAPACITY_REQUESTS, SLOW)
         log(f"fixture capacity: {cap['ok']}/{cap['requests']} requests answered, peak {cap['peak']} open at once, "
             f"in {cap['secs']:.2f} s at {cap['delay']} s delay (loop lag max {cap['max_lag_ms']:.0f} ms)")
-        for i in range(runs):
-            for cfg in configs:
-                n, delay = (tasks_slow, SLOW) if cfg[5] else (tasks, FAST)
-                sched = s.schedules(schedules)
-                stage(r, app, sched, n)
-                system = make_system(cfg, bindir, tmp, r, s)
-                try:
-                    system.start()
-                    out = measure(system, r, s, sched, n, delay, cfg[3] * cfg[4])
-                except BenchError as e:
-                    out = {"error": f"start: {e}", "completed": 0}
-                finally:
-                    system.stop(30)
-                out.update(n=n, delay=delay)
-                res[cfg[0]].append(out)
-                log(f"workflow run {i + 1}: {cfg[0]}: " + describe(out))
+        for i, cfg, (prefix, bd) in ((i, c, b) for i in range(runs) for c in configs for b in builds):
+            n, delay = (tasks_slow, SLOW) if cfg[5] else (tasks, FAST)
+            sched = s.schedules(schedules)
+            stage(r, app, sched, n)
+            system = make_system(cfg, bd, tmp, r, s)
+            prof = None
+            try:
+                system.start()
+                if perf:
+                    prof = perf_start(system, f"{perf}.{prefix.strip(': ') or 'after'}.{i + 1}")
+                out = measure(system, r, s, sched, n, delay, cfg[3] * cfg[4])
+            except BenchError as e:
+                out = {"error": f"start: {e}", "completed": 0}
+            finally:
+                if prof:
+                    prof.send_signal(signal.SIGINT)
+                    prof.wait(60)
+                system.stop(30)
+            out.update(n=n, delay=delay)
+            res[prefix + cfg[0]].append(out)
+            log(f"workflow run {i + 1}: {prefix}{cfg[0]}: " + describe(out))
     finally:
         s.stop()
     return report(res, cap, runs, schedules), res
@@ -222,6 +260,11 @@ def describe(o):
     txt = (f"{o['completed']}/{o['n']} completed, {rate}, in flight peak {o['inflight_peak']} mean "
            f"{o['inflight_mean']:.0f}, RSS {o['rss_mib']:.1f} MiB, PG {o['pg']}, Redis {o['redis']} conns; "
            f"fixture lag {o['fx_lag_ms']:.0f} ms, late p99 {o['fx_late_p99_ms']:.0f} ms, CPU {o['fx_cpu_pct']:.0f} %")
+    if o.get("cpu_ms_per_task") is not None:
+        txt += f"; worker CPU {o['cpu_ms_per_task']:.3f} ms/task"
+    if os.environ.get("BENCH_TIMELINE"):
+        txt += "\n  timeline (s after release: rows started, finished): " + ", ".join(
+            f"{b / TIMELINE_BINS:g}: {st}/{fi}" for b, st, fi in o.get("timeline", []))
     if o["error"] or o["completed"] < o["n"]:
         txt += f"; NOT DONE: {o['error'] or ''} statuses {o['statuses']} missing {o['missing']} {o['row_errors']}"
     return txt
@@ -239,7 +282,7 @@ def report(res, cap, runs, schedules):
                          + (f"; rows {x.get('statuses')}, {x.get('missing')} never written; {x.get('row_errors')}"
                             if "statuses" in x else ""))
         rows.append([label, f"{first['delay']:g} s", f"{first['n']:,}", fmt(v("rate")),
-                     fmt(v("inflight_peak")), fmt(v("inflight_mean")),
+                     fmt(v("inflight_peak")), fmt(v("inflight_mean")), fmt(v("cpu_ms_per_task"), 3),
                      f"{fmt(v('rss_mib'), 1, ' MiB')}; largest {fmt(v('rss_max_mib'), 1, ' MiB')}" if ok else "—",
                      fmt(v("pg")), fmt(v("redis")), fmt(v("completed")), f"{len(bad)}/{len(rs)}",
                      f"{fmt(v('fx_lag_ms'))} / {fmt(v('fx_cpu_pct'))} %" if ok else "—"])
@@ -249,6 +292,7 @@ def report(res, cap, runs, schedules):
              f"open at once, in {cap['secs']:.2f} s at a {cap['delay']:g} s delay (event-loop lag max "
              f"{cap['max_lag_ms']:.0f} ms, replies late by {cap['overshoot_ms_p99']:.0f} ms at p99).", ""]
     lines += table(["configuration", "fixture delay", "tasks", "tasks/s", "in flight (peak)", "in flight (mean)",
+                    "worker CPU ms/task",
                     "worker RSS peak (all processes)", "PostgreSQL conns", "Redis conns", "rows completed",
                     "runs not complete", "fixture lag ms / CPU"], rows)
     if notes:
@@ -264,13 +308,15 @@ def main():
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--only", default="", help="comma-separated configuration labels")
     ap.add_argument("--schedules", type=int, default=SCHEDULES, help="schedules the tasks go round-robin over")
+    ap.add_argument("--base-bin", help="another build's bin dir, run alternately with BIN_DIR in each round")
+    ap.add_argument("--perf", metavar="PREFIX", help="perf record the workers of each run into PREFIX.BUILD.RUN (PERF_CALL_GRAPH: fp or dwarf)")
     a = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="spark-bench-")
     os.chmod(tmp, 0o755)
     r = RedisServer(tmp)
     try:
         lines, _ = run(a.bindir, tmp, r, a.tasks, a.tasks_slow, a.runs, [x for x in a.only.split(",") if x],
-                       a.schedules)
+                       a.schedules, base_bin=a.base_bin, perf=a.perf)
     finally:
         r.stop()
         shutil.rmtree(tmp, ignore_errors=True)

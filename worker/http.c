@@ -3,6 +3,7 @@
 #include <string.h>
 
 #include <event2/event.h>
+#include <event2/event_struct.h>
 
 #include "http.h"
 #include "log.h"
@@ -10,10 +11,11 @@
 
 #define HTTP_CONNECT_TIMEOUT 30.0
 
-/* One socket curl asked us to watch. */
+/* One socket curl asked us to watch; its event is embedded and re-assigned when curl changes what it waits for
+ * (a request is a write, then reads: one allocation per change otherwise). */
 struct http_sock {
 	struct http *h;
-	struct event *ev;
+	struct event ev;
 };
 
 static void http_check_done(struct http *h);
@@ -45,7 +47,7 @@ http_socket_cb(CURL *easy, curl_socket_t fd, int what, void *userp, void *socket
 	struct http_sock *s = socketp;
 	if (what == CURL_POLL_REMOVE) {
 		if (s) {
-			event_free(s->ev);
+			event_del(&s->ev);
 			free(s);
 			curl_multi_assign(h->multi, fd, NULL);
 		}
@@ -57,10 +59,9 @@ http_socket_cb(CURL *easy, curl_socket_t fd, int what, void *userp, void *socket
 		s->h = h;
 		curl_multi_assign(h->multi, fd, s);
 	} else {
-		event_free(s->ev);
+		event_del(&s->ev);
 	}
-	s->ev = event_new(h->base, fd, ev, http_on_socket, h);
-	if (!s->ev || event_add(s->ev, NULL) < 0)
+	if (event_assign(&s->ev, h->base, fd, ev, http_on_socket, h) < 0 || event_add(&s->ev, NULL) < 0)
 		fatalx("http: cannot watch a socket");
 	return 0;
 }
@@ -99,15 +100,24 @@ http_init(struct http *h, struct event_base *base, long maxconnects)
 	curl_multi_setopt(h->multi, CURLMOPT_MAX_HOST_CONNECTIONS, 0L);
 	curl_multi_setopt(h->multi, CURLMOPT_MAX_TOTAL_CONNECTIONS, 0L);
 	curl_multi_setopt(h->multi, CURLMOPT_MAXCONNECTS, maxconnects > 0 ? maxconnects : 16L);
+	h->idle_max = maxconnects > 0 ? (int)maxconnects : 16;
+	h->idle = xcalloc((size_t)h->idle_max, sizeof *h->idle);
 	return 0;
 }
 
-/* Take a finished transfer off the multi and give back what the easy handle borrowed. */
+/* Take a finished transfer off the multi and give back what the easy handle borrowed. The handle itself is reset
+ * and kept: curl_easy_init allocates and initialises several KiB per transfer, a reset keeps them. */
 static void
 http_detach(struct http_xfer *x)
 {
-	curl_multi_remove_handle(x->h->multi, x->easy);
-	curl_easy_cleanup(x->easy);
+	struct http *h = x->h;
+	curl_multi_remove_handle(h->multi, x->easy);
+	if (h->nidle < h->idle_max) {
+		curl_easy_reset(x->easy);
+		h->idle[h->nidle++] = x->easy;
+	} else {
+		curl_easy_cleanup(x->easy);
+	}
 	x->easy = NULL;
 	x->active = false;
 	TAILQ_REMOVE(&x->h->xfers, x, entry);
@@ -126,6 +136,9 @@ http_free(struct http *h)
 		}
 		curl_multi_cleanup(h->multi);
 	}
+	while (h->nidle > 0)
+		curl_easy_cleanup(h->idle[--h->nidle]);
+	free(h->idle);
 	if (h->timer)
 		event_free(h->timer);
 	memset(h, 0, sizeof(*h));
@@ -180,7 +193,7 @@ http_start(struct http *h, struct http_xfer *x, const char *url, struct curl_sli
 	x->body = body;
 	x->done = done;
 	x->arg = arg;
-	x->easy = curl_easy_init();
+	x->easy = h->nidle > 0 ? h->idle[--h->nidle] : curl_easy_init();
 	if (!x->easy)
 		return -1;
 	CURL *e = x->easy;

@@ -26,6 +26,8 @@ struct http {
 	struct event *timer;
 	struct http_xferq xfers; /* transfers in the multi */
 	int active;
+	CURL **idle; /* easy handles of ended transfers, reset, for the next ones */
+	int nidle, idle_max;
 };
 
 /* A transfer ended (rc: CURLE_OK, a curl error, or CURLE_ABORTED_BY_CALLBACK after http_abort). */

@@ -38,6 +38,8 @@ job_free(struct job *j)
 	if (j->state == JOB_WRITING)
 		w->writing--;
 	TAILQ_REMOVE(&w->jobs, j, entry);
+	if (j->in_reserved)
+		TAILQ_REMOVE(&w->reserved, j, rentry);
 	w->njobs--;
 	json_decref(j->run.result);
 	if (j->decoded)

@@ -184,6 +184,8 @@ job_new(struct worker *w, const char *qkey, const char *raw, size_t len, const c
 		return NULL;
 	}
 	j->state = JOB_RESERVED;
+	TAILQ_INSERT_TAIL(&w->reserved, j, rentry);
+	j->in_reserved = true;
 	return j;
 }
 
@@ -210,6 +212,8 @@ job_leave_slot(struct job *j)
 	if (j->slot >= 0) {
 		w->slots[j->slot] = NULL;
 		w->running--;
+		if (j->slot < w->slot_hint)
+			w->slot_hint = j->slot;
 		j->slot = -1;
 	}
 	if (j->timers_assigned) {
@@ -334,19 +338,22 @@ job_start(struct job *j, int slot)
 	j->fn(run);
 }
 
+/* Start reserved jobs in the lowest free slots. It walks the reserved queue, not every held job: with a thousand
+ * running and none waiting, each tick of a wave's ends would otherwise walk them all. A job that left
+ * JOB_RESERVED another way (revoked, put back) leaves the queue here or when freed. */
 void
 job_dispatch(struct worker *w)
 {
-	if (w->running >= w->nslots)
-		return;
-	struct job *j, *next;
-	int slot = 0;
-	for (j = TAILQ_FIRST(&w->jobs); j != NULL && w->running < w->nslots; j = next) {
-		next = TAILQ_NEXT(j, entry);
+	struct job *j;
+	while (w->running < w->nslots && (j = TAILQ_FIRST(&w->reserved)) != NULL) {
+		TAILQ_REMOVE(&w->reserved, j, rentry);
+		j->in_reserved = false;
 		if (j->state != JOB_RESERVED)
 			continue;
+		int slot = w->slot_hint;
 		while (w->slots[slot] != NULL)
 			slot++;
+		w->slot_hint = slot + 1;
 		job_start(j, slot);
 	}
 }

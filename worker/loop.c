@@ -24,6 +24,7 @@
 #define EXIT_DEADLINE_S 3.0 /* after the last job, how long unregistering may take */
 #define HUNG_AFTER_S    30.0
 #define HOUSEKEEPING_S  0.05
+#define HEAP_CHECK_S    0.05
 #define REPORT_EVERY_S  0.01 /* task starts and ends reach sparkd within this; one datagram per interval */
 
 static bool
@@ -114,6 +115,7 @@ engine_init(struct worker *w, const struct spark_config *cfg, const char *node, 
 	int mult = cfg->prefetch_multiplier > 0 ? cfg->prefetch_multiplier : 1;
 	w->max_held = nslots * mult;
 	TAILQ_INIT(&w->jobs);
+	TAILQ_INIT(&w->reserved);
 	w->backend_on_broker = cfg->result_backend != NULL && same_server(&cfg->broker, &cfg->backend);
 	/* what every task's writes repeat, formatted once */
 	snprintf(w->ttl_str, sizeof w->ttl_str, "%d", RESULT_EXPIRES);
@@ -339,6 +341,43 @@ engine_flush_reports(struct worker *w, bool now)
 	}
 }
 
+/*
+ * Memory after each batch of finished tasks (Celery checks after each task; a batch is one loop pass). A one-slot
+ * process reads the resident size from /proc only when the heap grew by a MiB since the last reading, or a second
+ * passed: mallinfo2 is a cheap userspace signal in its small heap, a statm read costs a syscall per task. A
+ * process with several slots reads /proc at most every HEAP_CHECK_S instead: with a thousand tasks in flight its
+ * heap holds thousands of free chunks, and mallinfo2, which consolidates and walks them all, cost about 0.3 ms a
+ * call (a tenth of the worker's CPU at C1024), a statm read a few microseconds. A check skipped here is made by
+ * a later tick (housekeeping makes one every HOUSEKEEPING_S), as processed still differs from rss_checked_at.
+ */
+static void
+engine_check_memory(struct worker *w)
+{
+	double t = now_mono();
+	bool due = t - w->rss_read_at >= 1.0;
+	if (w->nslots > 1) {
+		if (!due && t - w->rss_read_at < HEAP_CHECK_S)
+			return;
+	} else {
+		size_t heap = 0;
+		if (due || w->processed != w->heap_checked_at) {
+			w->heap_checked_at = w->processed;
+			struct mallinfo2 mi = mallinfo2();
+			heap = mi.uordblks + mi.hblkhd;
+		}
+		if (!due && heap <= w->heap_at_read + (1u << 20))
+			return;
+		w->heap_at_read = heap;
+	}
+	w->rss_checked_at = w->processed;
+	w->rss_read_at = t;
+	long rss = proc_rss_kib(0);
+	if (rss > 0)
+		w->rss_kib = rss;
+	if (w->cfg->max_memory_kib > 0 && w->rss_kib > w->cfg->max_memory_kib)
+		engine_recycle(w, "max-memory");
+}
+
 static void
 engine_tick_cb(evutil_socket_t fd, short what, void *arg)
 {
@@ -346,33 +385,8 @@ engine_tick_cb(evutil_socket_t fd, short what, void *arg)
 	job_dispatch(w);
 	job_flush_records(w);
 	fetch_kick(w);
-	/*
-	 * Memory after each batch of finished tasks (Celery checks after each task; a batch is one loop pass). The
-	 * resident size is read from /proc only when the heap grew by a MiB since the last reading, or a second
-	 * passed: mallinfo2 is a cheap userspace signal, a statm read costs a syscall per task.
-	 */
-	if (w->processed != w->rss_checked_at) {
-		/* mallinfo2 walks the allocator's bins (a few thousand instructions): once per batch of finished
-		 * tasks, not again in a tick that finished none */
-		double t = now_mono();
-		bool due = t - w->rss_read_at >= 1.0;
-		size_t heap = 0;
-		if (due || w->processed != w->heap_checked_at) {
-			w->heap_checked_at = w->processed;
-			struct mallinfo2 mi = mallinfo2();
-			heap = mi.uordblks + mi.hblkhd;
-		}
-		if (due || heap > w->heap_at_read + (1u << 20)) {
-			w->rss_checked_at = w->processed;
-			w->rss_read_at = t;
-			w->heap_at_read = heap;
-			long rss = proc_rss_kib(0);
-			if (rss > 0)
-				w->rss_kib = rss;
-			if (w->cfg->max_memory_kib > 0 && w->rss_kib > w->cfg->max_memory_kib)
-				engine_recycle(w, "max-memory");
-		}
-	}
+	if (w->processed != w->rss_checked_at)
+		engine_check_memory(w);
 	engine_maybe_exit(w);
 	engine_flush_reports(w, false);
 	if (w->events.nbatch > 0)

@@ -59,7 +59,7 @@ wf_claim_add(struct wf_claim *c, struct wf_job *j)
 {
 	j->act = WF_ACT_ROW;
 	j->one_time = false;
-	j->current = false;
+	wf_set_current(j, false);
 	j->status[0] = '\0';
 	j->workflow_id[0] = '\0';
 	free(j->error);
@@ -284,7 +284,7 @@ wf_claim_send_writes(struct wf_claim *c)
 			free(msg);
 		}
 		/* listed in the workers row in the same transaction: recovery never takes it for an orphan */
-		j->current = true;
+		wf_set_current(j, true);
 		own = own ? own : j->row;
 	}
 	c->insert_at = c->logs_at = -1;
@@ -368,7 +368,7 @@ wf_claim_failed(struct wf_claim *c)
 		wf_claim_take(c); /* no connection came: the database is unreachable for the runs waiting */
 	struct wf_jobq runs = TAILQ_HEAD_INITIALIZER(runs);
 	for (struct wf_job *j = TAILQ_FIRST(&c->b.jobs); j; j = TAILQ_NEXT(j, qentry)) {
-		j->current = false;
+		wf_set_current(j, false);
 		j->claim_what = wf_claim_what(c, j, u->failed_at);
 	}
 	wf_claim_drain(c, &runs);
@@ -440,7 +440,7 @@ wf_claim_written(struct wf_claim *c)
 		st->processed++;
 		if (!loaded && lost) {
 			/* the row is running and the database is gone: leave it to the redelivered message */
-			j->current = false;
+			wf_set_current(j, false);
 			spark_strlcpy(j->err, err, sizeof(j->err));
 			wf_db_error(j, "reading the workflow", true);
 		} else if (!loaded) {

@@ -109,9 +109,38 @@ wf_destroy(struct wf_state *st)
 	wf_beat_free(st);
 	wf_batches_free(&st->recs);
 	OPENSSL_cleanse(st->key, sizeof(st->key));
+	free(st->cur_rows);
+	free(st->cur_jobs);
 	free(st->node);
 	free(st->node_json);
 	free(st);
+}
+
+void
+wf_set_current(struct wf_job *j, bool on)
+{
+	struct wf_state *st = j->st;
+	if (j->current == on)
+		return;
+	j->current = on;
+	if (on) {
+		if (st->ncur == st->cur_cap) {
+			st->cur_cap = st->cur_cap ? 2 * st->cur_cap : 64;
+			st->cur_rows = xrealloc(st->cur_rows, (size_t)st->cur_cap * sizeof *st->cur_rows);
+			st->cur_jobs = xrealloc(st->cur_jobs, (size_t)st->cur_cap * sizeof *st->cur_jobs);
+		}
+		memcpy(st->cur_rows[st->ncur], j->row, 36);
+		st->cur_jobs[st->ncur] = j;
+		j->cur_at = st->ncur++;
+		return;
+	}
+	/* the last one takes its place: current_tasks is a set */
+	int last = --st->ncur;
+	if (j->cur_at != last) {
+		memcpy(st->cur_rows[j->cur_at], st->cur_rows[last], 36);
+		st->cur_jobs[j->cur_at] = st->cur_jobs[last];
+		st->cur_jobs[j->cur_at]->cur_at = j->cur_at;
+	}
 }
 
 void

@@ -101,7 +101,8 @@ struct wf_job {
 	char *error;     /* the row's error when claimed */
 	char *input;
 	int tries;
-	bool current;   /* listed in the workers row's current_tasks */
+	bool current;   /* listed in the workers row's current_tasks (set by wf_set_current) */
+	int cur_at;     /* while current: its index in st->cur_rows */
 	bool committed; /* ... and its claim committed: may be named in current_task_id */
 	bool claimed;   /* the row is ours and running */
 	struct pg_unit unit;
@@ -160,6 +161,11 @@ struct wf_state {
 
 	struct wf_jobq jobs; /* every run in progress */
 	int njobs;
+	/* the rows of the current runs, packed: the workers row lists them with every batch, and walking a thousand
+	 * runs for it cost more than the batch's own statements */
+	char (*cur_rows)[36];
+	struct wf_job **cur_jobs;
+	int ncur, cur_cap;
 	long processed, succeeded, failed, retried;
 
 	/* wf-beat.c: the schema check, once per process */
@@ -203,6 +209,7 @@ int wf_migrate(const struct spark_config *cfg);
 void wf_batch_add(struct wf_state *st, struct wf_batches *set, struct wf_batch *b, bool waiting);
 void wf_batch_attached(struct wf_batch *b); /* it has its connection: no longer the one waiting */
 void wf_batch_free(struct wf_batch *b);
+void wf_set_current(struct wf_job *j, bool on); /* in or out of the workers row's current_tasks */
 void wf_batches_free(struct wf_batches *set);
 
 /* workflow.c */

@@ -301,7 +301,9 @@ enum outcome_kind {
 };
 
 struct job {
-	TAILQ_ENTRY(job) entry; /* w->jobs */
+	TAILQ_ENTRY(job) entry;  /* w->jobs */
+	TAILQ_ENTRY(job) rentry; /* w->reserved, while in_reserved */
+	bool in_reserved;
 	struct worker *w;
 	enum job_state state;
 	char *raw; /* the envelope exactly as in the processing list */
@@ -422,9 +424,11 @@ struct worker {
 	int nunreported, unreported_cap;
 	bool progress_dirty; /* tasks counted since the last flush without a report of their own */
 	int njobs;
-	int running;        /* jobs in a slot */
-	struct job **slots; /* nslots entries: the job in each slot, or NULL */
-	int max_held;       /* nslots x prefetch multiplier */
+	int running;          /* jobs in a slot */
+	struct job **slots;   /* nslots entries: the job in each slot, or NULL */
+	int slot_hint;        /* no free slot below this index */
+	struct jobq reserved; /* jobs that were JOB_RESERVED when queued: job_dispatch's work, not every job */
+	int max_held;         /* nslots x prefetch multiplier */
 
 	/* fetch.c */
 	int fetching;         /* fetch commands outstanding */

@@ -79,6 +79,7 @@ wf_job_free(struct wf_job *j)
 	free(j->input);
 	free(j->error);
 	free(j->claim_text);
+	wf_set_current(j, false);
 	free(j);
 }
 
@@ -89,10 +90,13 @@ wf_job_end(struct wf_job *j)
 	struct task_run *run = j->run;
 	TAILQ_REMOVE(&st->jobs, j, entry);
 	st->njobs--;
+	char *result = j->row_json; /* run->result_json may point at it */
+	j->row_json = NULL;
 	wf_job_free(j);
 	run->on_cancel = NULL;
 	run->task = NULL;
 	run->done(run);
+	free(result);
 	wf_shutdown_check(st);
 }
 

@@ -96,7 +96,14 @@ drv_run_done(struct task_run *run)
 	}
 	if (r->cancel_ev)
 		event_del(r->cancel_ev);
-	json_t *res = run->outcome == TASK_SUCCESS && run->result ? json_incref(run->result) : json_null();
+	/* a result comes as a tree or, copied through, as text (task.h: result_json), as the engine takes either */
+	json_t *res = NULL;
+	if (run->outcome == TASK_SUCCESS && run->result_json)
+		res = json_loadb(run->result_json, run->result_len, JSON_DECODE_ANY, NULL);
+	else if (run->outcome == TASK_SUCCESS && run->result)
+		res = json_incref(run->result);
+	if (!res)
+		res = json_null();
 	drv_print(json_pack("{s:i, s:s, s:s, s:s, s:s, s:s, s:o}", "i", r->i, "task_id", r->task_id, "outcome",
 	                    outcome_name(run->outcome), "exc_type", run->exc_type, "exc_module", run->exc_module,
 	                    "exc_message", run->exc_message, "result", res));
