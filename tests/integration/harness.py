@@ -9,6 +9,9 @@ whose environment carries it.
 
 Under SPARK_SAN=1 the binaries are ASan/UBSan builds: timeouts are scaled, and sanitizer reports are written to
 files that teardown turns into a test failure.
+
+SPARK_TEST_REDIS_LOGLEVEL=verbose makes every private redis-server log each client's connect and close (redis.log
+in its directory), which shows who closed a connection.
 """
 
 import json
@@ -179,6 +182,7 @@ class RedisServer:
         self.port = port or free_port()
         self.pidfile = self.dir / "redis.pid"
         self.pid = None
+        self.started = False
 
     def url(self, db=0):
         return f"redis://127.0.0.1:{self.port}/{db}"
@@ -186,7 +190,8 @@ class RedisServer:
     def start(self, timeout=10):
         cmd = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
                "no", "--dir", str(self.dir), "--daemonize", "yes", "--pidfile", str(self.pidfile),
-               "--logfile", str(self.dir / "redis.log")]
+               "--logfile", str(self.dir / "redis.log"),
+               "--loglevel", os.environ.get("SPARK_TEST_REDIS_LOGLEVEL", "notice")]
         for _ in range(5):
             if self.pidfile.exists():
                 self.pidfile.unlink()
@@ -196,10 +201,13 @@ class RedisServer:
             try:
                 wait_for(self._ping, timeout, what=f"redis on port {self.port}")
                 self.pid = int(self.pidfile.read_text().strip())
+                self.started = True
                 return self
             except AssertionError:
                 log = (self.dir / "redis.log").read_text(errors="replace") if (self.dir / "redis.log").exists() else ""
                 if "Address already in use" in log:
+                    if self.started:  # clients know this port: moving would leave them on a dead one
+                        raise RuntimeError(f"redis port {self.port} was taken while the server was down")
                     self.port = free_port()  # lost a race for the port: take another
                     continue
                 raise
