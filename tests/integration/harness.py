@@ -60,6 +60,17 @@ def pid_alive(pid):
     return state not in (b"Z", b"X")
 
 
+def pid_start_time(pid):
+    """The process's start time in clock ticks (field 22 of /proc/pid/stat), None when it is gone: with the pid it
+    names one process, since a pid is soon reused on a busy machine (pid_max is 32768 here)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return int(data[data.rfind(b")") + 2 :].split()[19])
+
+
 def wait_pid_gone(pid, timeout):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -182,6 +193,7 @@ class RedisServer:
         self.port = port or free_port()
         self.pidfile = self.dir / "redis.pid"
         self.pid = None
+        self.pid_started = None
         self.started = False
 
     def url(self, db=0):
@@ -201,6 +213,7 @@ class RedisServer:
             try:
                 wait_for(self._ping, timeout, what=f"redis on port {self.port}")
                 self.pid = int(self.pidfile.read_text().strip())
+                self.pid_started = pid_start_time(self.pid)
                 self.started = True
                 return self
             except AssertionError:
@@ -221,9 +234,14 @@ class RedisServer:
         except OSError:
             return False
 
+    def running(self):
+        return self.pid is not None and pid_start_time(self.pid) == self.pid_started and pid_alive(self.pid)
+
     def stop(self, timeout=10):
         pid = self.pid
-        if pid is None and self.pidfile.exists():
+        if pid is not None and pid_start_time(pid) != self.pid_started:
+            pid = None  # it died already and the pid is another process's now
+        elif pid is None and self.pidfile.exists():
             try:
                 pid = int(self.pidfile.read_text().strip())
             except ValueError:
@@ -365,7 +383,7 @@ class Sparkd:
                          "SPARK_PID_FILE": str(self.pid_file), "SPARK_TEST_ID": self.test_id})
         self.proc = None  # foreground sparkd
         self.pid = None
-        self.seen_pids = set()
+        self.seen_pids = {}  # pid -> its start time when status showed it
         self.stdout_path = self.dir / "sparkd.out"
         self.stderr_path = self.dir / "sparkd.err"
 
@@ -405,7 +423,7 @@ class Sparkd:
         for w in st.get("workers", []):
             for p in w.get("processes", []) or []:
                 if p.get("pid"):
-                    self.seen_pids.add(p["pid"])
+                    self.seen_pids[p["pid"]] = pid_start_time(p["pid"])
 
     def processes(self, st=None):
         st = st or self.status()
@@ -458,8 +476,9 @@ class Sparkd:
 
     def all_pids(self):
         pids = set(pids_with_env(self.marker))
-        for p in self.seen_pids:
-            if pid_alive(p):
+        for p, started in self.seen_pids.items():
+            # a pid seen once and since reused by another process (another test's, another user's) is not ours
+            if started is not None and pid_start_time(p) == started and pid_alive(p):
                 pids.add(p)
         if self.pid and pid_alive(self.pid):
             pids.add(self.pid)
