@@ -47,7 +47,7 @@ SPARKD_SRC = $(wildcard sparkd/*.c)
 WORKER_SRC = $(wildcard worker/*.c)
 # The workflow stack (PostgreSQL, HTTP sources, Fernet): built into spark-workflow.so, never into spark-worker,
 # which loads it with dlopen (worker/workflow-loader.c) only when DATABASE_URL is set.
-WORKFLOW_CORE_SRC = worker/workflow.c worker/wf-record.c worker/wf-beat.c worker/wf-state.c worker/pgpool.c \
+WORKFLOW_CORE_SRC = worker/workflow.c worker/wf-claim.c worker/wf-claim-row.c worker/wf-record.c worker/wf-beat.c worker/wf-state.c worker/pgpool.c \
     worker/store.c worker/http.c worker/source.c worker/source-shape.c worker/fernet.c
 WORKFLOW_SRC = $(WORKFLOW_CORE_SRC) worker/workflow-plugin.c
 WORKER_EXE_SRC = $(filter-out $(WORKFLOW_SRC),$(WORKER_SRC))

@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "log.h"
+#include "rundir.h"
 #include "util.h"
 
 enum vtype {
@@ -76,6 +77,7 @@ static const struct vdef vdefs[] = {
     {"SPARK_LOG_MAX_BYTES", NULL, "10MB", V_MEMORY, 0, 1e9, OFF(log_max_bytes)},
     {"SPARK_LOG_KEEP", NULL, "5", V_INT, 0, 100, OFF(log_keep)},
     {"SPARK_START_TIMEOUT", NULL, "30", V_DOUBLE, 1, 3600, OFF(start_timeout)},
+    {"SPARK_STARTSECS", NULL, "5", V_DOUBLE, 0, 3600, OFF(startsecs)},
     {"SPARK_HEARTBEAT_INTERVAL", NULL, "5", V_DOUBLE, 0.1, 3600, OFF(heartbeat_interval)},
     {"SPARK_DB_POOL_SIZE", NULL, "4", V_INT, 1, 64, OFF(db_pool_size)},
     {"CELERY_WORKER_SEND_TASK_EVENTS", NULL, "False", V_BOOL, 0, 0, OFF(send_task_events)},
@@ -600,7 +602,10 @@ config_default_socket(void)
 	const char *x = getenv("XDG_RUNTIME_DIR");
 	if (x != NULL && *x == '/')
 		return xasprintf("%s/spark/sparkd.sock", x);
-	return xasprintf("/tmp/spark-%u/sparkd.sock", (unsigned)geteuid());
+	char *fb = rundir_fallback();
+	char *p = xasprintf("%s/sparkd.sock", fb);
+	free(fb);
+	return p;
 }
 
 static char *
@@ -617,7 +622,10 @@ default_log_dir(void)
 	const char *h = getenv("HOME");
 	if (h != NULL && *h == '/')
 		return xasprintf("%s/.local/state/spark", h);
-	return xasprintf("/tmp/spark-%u/log", (unsigned)geteuid());
+	char *fb = rundir_fallback();
+	char *p = xasprintf("%s/log", fb);
+	free(fb);
+	return p;
 }
 
 int
@@ -813,6 +821,7 @@ config_export(const struct spark_config *cfg)
 	setenv("SPARK_LOG_MAX_BYTES", lb, 1);
 	setenv_num("SPARK_LOG_KEEP", cfg->log_keep);
 	setenv_num("SPARK_START_TIMEOUT", cfg->start_timeout);
+	setenv_num("SPARK_STARTSECS", cfg->startsecs);
 	setenv_num("SPARK_HEARTBEAT_INTERVAL", cfg->heartbeat_interval);
 	setenv_num("SPARK_DB_POOL_SIZE", cfg->db_pool_size);
 	setenv_num("SPARK_MAX_MESSAGE_BYTES", (double)cfg->max_message_bytes);

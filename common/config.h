@@ -55,6 +55,7 @@ struct spark_config {
 	long log_max_bytes; /* rotate the log file at this size */
 	int log_keep;       /* rotated files kept */
 	double start_timeout;
+	double startsecs;          /* SPARK_STARTSECS: a process ready this long after its start is replaced at once */
 	double heartbeat_interval; /* SPARK_HEARTBEAT_INTERVAL: workers table heartbeat, seconds */
 	int db_pool_size;          /* SPARK_DB_POOL_SIZE: PostgreSQL connections per worker process */
 	bool send_task_events;     /* CELERY_WORKER_SEND_TASK_EVENTS, --events/-E: task-* events on celeryev */

@@ -3,12 +3,33 @@
 #include <stdio.h>
 #include <string.h>
 
+#define PROTO_READER_INITIAL (4 * 1024)
+#define PROTO_READER_KEEP    (64 * 1024)
+
 int
 proto_reader_init(struct proto_reader *r)
 {
 	memset(&r->scan, 0, sizeof r->scan);
-	r->init = msgpack_unpacker_init(&r->unp, 64 * 1024);
+	/* small: it grows by doubling for the rare big frame, and hundreds of idle connections each hold one */
+	r->init = msgpack_unpacker_init(&r->unp, PROTO_READER_INITIAL);
 	return r->init ? 0 : -1;
+}
+
+size_t
+proto_reader_held(const struct proto_reader *r)
+{
+	return r->init ? r->unp.used + r->unp.free : 0;
+}
+
+void
+proto_reader_shrink(struct proto_reader *r)
+{
+	if (!r->init || proto_reader_held(r) <= PROTO_READER_KEEP || msgpack_unpacker_message_size(&r->unp) > 0)
+		return;
+	uint64_t values_max = r->scan.values_max;
+	proto_reader_free(r);
+	proto_reader_init(r);
+	r->scan.values_max = values_max;
 }
 
 static uint64_t
@@ -30,6 +51,7 @@ scan_value_done(struct proto_scan *s)
 		s->depth--;
 	}
 	s->frame_bytes = 0;
+	s->values = 0;
 }
 
 /* Act on a complete type header (type byte + its length bytes). */
@@ -156,6 +178,12 @@ scan_header(struct proto_scan *s, const unsigned char *h)
 	/* every item takes at least one byte: more than fits is an oversized frame, refused now */
 	if (n > room)
 		return PROTO_READ_TOO_LARGE;
+	/* a container's slots are allocated when msgpack-c reads its header: count them now */
+	s->values += container ? n : 0;
+	if (s->depth == 0)
+		s->values++;
+	if (s->values_max > 0 && s->values > s->values_max)
+		return PROTO_READ_TOO_MANY;
 	if (payload) {
 		s->skip = n;
 		if (n == 0)
@@ -327,6 +355,30 @@ proto_parse_request(const msgpack_object *o, struct proto_request *req, char *er
 		return -1;
 	}
 	req->params = p->type == MSGPACK_OBJECT_MAP ? p : NULL;
+	return 0;
+}
+
+int
+proto_check_params(const msgpack_object *params, const char *const *known, char *err, size_t errlen)
+{
+	if (params == NULL)
+		return 0;
+	uint32_t unknown = 0;
+	for (uint32_t i = 0; i < params->via.map.size; i++) {
+		const msgpack_object *k = &params->via.map.ptr[i].key;
+		if (k->type != MSGPACK_OBJECT_STR) {
+			snprintf(err, errlen, "parameter names must be strings");
+			return -1;
+		}
+		bool found = false;
+		for (const char *const *n = known; *n != NULL && !found; n++)
+			found = strlen(*n) == k->via.str.size && memcmp(*n, k->via.str.ptr, k->via.str.size) == 0;
+		if (!found && ++unknown > PROTO_PARAMS_UNKNOWN_MAX) {
+			snprintf(err, errlen, "more than %d parameters this method does not know",
+			         PROTO_PARAMS_UNKNOWN_MAX);
+			return -1;
+		}
+	}
 	return 0;
 }
 
@@ -519,9 +571,9 @@ void
 proto_pack_error_response(msgpack_packer *pk, uint32_t msgid, const char *code, const char *message)
 {
 	proto_pack_response_head(pk, msgid);
-	msgpack_pack_map(pk, 2);
-	proto_pack_kv_str(pk, "code", code);
-	proto_pack_kv_str(pk, "message", message);
+	msgpack_pack_map(pk, PROTO_NFIELDS(PROTO_ERROR_FIELDS));
+	proto_pack_kv_str(pk, PROTO_F_CODE, code);
+	proto_pack_kv_str(pk, PROTO_F_MESSAGE, message);
 	msgpack_pack_nil(pk);
 }
 

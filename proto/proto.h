@@ -30,26 +30,21 @@
 #define PROTO_M_LOGS   "logs"
 #define PROTO_M_STOP   "stop"
 
+/* field names of results and notifications, with each map's list */
+#include "fields.h"
+
+/* request parameters, protocol 1 */
+#define PROTO_P_VERBOSE   "verbose"   /* status */
+#define PROTO_P_LINES     "lines"     /* logs */
+#define PROTO_P_FOLLOW    "follow"    /* logs */
+#define PROTO_P_LEVEL     "level"     /* logs */
+#define PROTO_P_WORKER    "worker"    /* logs */
+#define PROTO_P_FORCE     "force"     /* stop */
+#define PROTO_P_TIMEOUT_S "timeout_s" /* stop */
+
 /* notifications, protocol 1 */
 #define PROTO_N_LOG     "log"
 #define PROTO_N_DROPPED "dropped" /* also carried as {"dropped": N} in a "log" notification */
-
-/* status fields of the Celery side (sparkd/celery.c): supervisor.celery and workers[].celery */
-#define PROTO_F_CELERY       "celery"
-#define PROTO_F_BROKER       "broker" /* sparkd's own broker connection: {state, error, since[, url]} */
-#define PROTO_F_BROKER_STATE "state"  /* connecting, up, down */
-#define PROTO_F_BROKER_ERROR "error"  /* why it is down; nil when up */
-#define PROTO_F_BROKER_SINCE "since"  /* wall clock of the last change */
-#define PROTO_F_BROKER_URL   "url"    /* password redacted */
-#define PROTO_F_EVENTS       "events" /* {heartbeats, freq} */
-#define PROTO_F_HEARTBEATS   "heartbeats"
-#define PROTO_F_FREQ         "freq"
-#define PROTO_F_REVOKED      "revoked" /* {count, ids}: ids (newest first, at most 100) only with verbose */
-#define PROTO_F_COUNT        "count"
-#define PROTO_F_IDS          "ids"
-#define PROTO_F_CLOCK        "clock"
-#define PROTO_F_TASK_EVENTS  "task_events"
-#define PROTO_F_QUEUES       "queues"
 
 /* error codes, protocol 1 */
 #define PROTO_E_UNKNOWN_METHOD  "unknown_method"
@@ -59,6 +54,9 @@
 #define PROTO_E_PERMISSION      "permission_denied"
 #define PROTO_E_STOPPING        "stopping"
 #define PROTO_E_INTERNAL        "internal"
+#define PROTO_E_TOO_MANY        "too_many_connections"
+#define PROTO_E_TIMED_OUT       "timed_out"
+#define PROTO_E_OVERLOADED      "overloaded"
 
 /*
  * Incremental frame reader over msgpack-c's streaming unpacker, with the 1 MiB cap.
@@ -66,10 +64,19 @@
  * and waits patiently for a str32 announcing 1 GiB. So the bytes pass a small structural scan first (type
  * headers only, no values decoded) that refuses, as soon as it is announced, any container or string that
  * cannot fit in what is left of a 1 MiB frame.
+ *
+ * Decoded, every value costs a msgpack_object (24 bytes) however small on the wire: a map of nil:nil pairs
+ * decodes to 24 times its size, and msgpack-c allocates a container's slots when it reads the header. So a reader
+ * may also cap the values of a frame, counted as the scan announces them: sparkd's requests get
+ * PROTO_REQUEST_VALUES_MAX (their decoded size is then at most the frame's bytes, which strings reference in
+ * place, plus 24 bytes a value); replies read by clients have no such cap.
  */
-#define PROTO_SCAN_DEPTH 32
+#define PROTO_SCAN_DEPTH         32
+#define PROTO_REQUEST_VALUES_MAX 1024
 struct proto_scan {
 	size_t frame_bytes;   /* bytes of the current frame seen so far */
+	uint64_t values;      /* values of the current frame announced so far */
+	uint64_t values_max;  /* 0 = no cap */
 	uint64_t skip;        /* payload bytes still to pass over */
 	unsigned char hdr[5]; /* a header split across reads */
 	unsigned hdr_have, hdr_need;
@@ -91,10 +98,15 @@ enum proto_read {
 	PROTO_READ_FRAME = 1,
 	PROTO_READ_BAD = -1,       /* not msgpack */
 	PROTO_READ_TOO_LARGE = -2, /* a frame over SPARK_FRAME_MAX, complete or announced */
+	PROTO_READ_TOO_MANY = -3,  /* more values than the reader's values_max */
 };
 
 int proto_reader_init(struct proto_reader *r);
 void proto_reader_free(struct proto_reader *r);
+/* Bytes the reader holds in its buffer (what a frame being read costs before it is decoded). */
+size_t proto_reader_held(const struct proto_reader *r);
+/* Between frames: give a buffer grown past 64 KiB back, so one big frame does not cost its size for ever. */
+void proto_reader_shrink(struct proto_reader *r);
 /* Append bytes. Returns PROTO_READ_TOO_LARGE when the unparsed backlog exceeds the cap. */
 int proto_reader_feed(struct proto_reader *r, const void *data, size_t len);
 /* Next complete object into *out (caller msgpack_unpacked_destroy()s it). */
@@ -109,6 +121,14 @@ struct proto_request {
 
 /* Validate shape [0, msgid, method, [map?]]. Returns 0, or -1 with a reason in err. */
 int proto_parse_request(const msgpack_object *o, struct proto_request *req, char *err, size_t errlen);
+
+/*
+ * Params against the names a method knows (NULL-terminated): every key a string, and at most
+ * PROTO_PARAMS_UNKNOWN_MAX names it does not know (a newer client's additions are ignored, a heap of them is not
+ * a request). Returns 0, or -1 with the reason in err.
+ */
+#define PROTO_PARAMS_UNKNOWN_MAX 8
+int proto_check_params(const msgpack_object *params, const char *const *known, char *err, size_t errlen);
 
 /* Same for responses and notifications (used by clients). */
 struct proto_message {

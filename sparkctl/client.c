@@ -312,8 +312,12 @@ enum ctl_result
 ctl_client_call(struct ctl_client *c, const char *method, ctl_pack_fn pack, void *arg, int timeout_ms,
                 msgpack_unpacked *reply, const msgpack_object **result, char *err, size_t errlen)
 {
-	c->errcode[0] = '\0';
 	*result = NULL;
+	if (c->closed_why[0] != '\0') {
+		snprintf(err, errlen, "%s", c->closed_why);
+		return CTL_FAILED;
+	}
+	c->errcode[0] = '\0';
 	uint32_t msgid = c->next_msgid++;
 	msgpack_sbuffer sb;
 	msgpack_sbuffer_init(&sb);
@@ -334,7 +338,8 @@ ctl_client_call(struct ctl_client *c, const char *method, ctl_pack_fn pack, void
 	double deadline = deadline_after(timeout_ms);
 	enum ctl_result r = client_send(c, sb.data, sb.size, deadline, err, errlen);
 	msgpack_sbuffer_destroy(&sb);
-	if (r != CTL_OK)
+	/* hung up before our request: what it sent first (a refusal with its reason) is still there to read */
+	if (r != CTL_OK && r != CTL_EOF)
 		return r;
 
 	for (;;) {
@@ -352,7 +357,9 @@ ctl_client_call(struct ctl_client *c, const char *method, ctl_pack_fn pack, void
 			snprintf(err, errlen, "malformed reply from sparkd: %s", perr);
 			return CTL_FAILED;
 		}
-		if (m.type != PROTO_RESPONSE || m.msgid != msgid)
+		/* msgid 0 (ours start at 1): about the connection, not a request, e.g. too many connections */
+		bool conn_error = m.type == PROTO_RESPONSE && m.msgid == 0;
+		if (m.type != PROTO_RESPONSE || (m.msgid != msgid && !conn_error))
 			continue;
 		if (m.error != NULL && m.error->type != MSGPACK_OBJECT_NIL) {
 			char msgtext[384] = "";
@@ -361,10 +368,17 @@ ctl_client_call(struct ctl_client *c, const char *method, ctl_pack_fn pack, void
 			if (proto_get_str(m.error, "message", msgtext, sizeof msgtext) != 1)
 				msgtext[0] = '\0';
 			out_sanitize(msgtext);
-			snprintf(err, errlen, "sparkd refused '%s': %s%s%s", method, c->errcode, msgtext[0] ? ": " : "",
-			         msgtext);
+			if (conn_error) {
+				snprintf(c->closed_why, sizeof c->closed_why, "sparkd at %s closed the connection: %s",
+				         c->path, msgtext[0] ? msgtext : c->errcode);
+				snprintf(err, errlen, "%s", c->closed_why);
+			} else
+				snprintf(err, errlen, "sparkd refused '%s': %s%s%s", method, c->errcode,
+				         msgtext[0] ? ": " : "", msgtext);
 			return CTL_FAILED;
 		}
+		if (conn_error)
+			continue;
 		*result = m.result;
 		return CTL_OK;
 	}
@@ -389,10 +403,8 @@ ctl_report_failure(struct ctl *ctl, enum ctl_result r, const char *err)
 		        start_hint(ctl));
 		return CTL_EXIT_NOT_RUNNING;
 	case CTL_EOF:
-		out_err(ctl,
-		        "sparkd at %s closed the connection without answering: this user may not use it (root, the "
-		        "daemon's "
-		        "user and the socket's group may), or it is exiting; see sparkd's log",
+		/* refusals (permission, too many connections, timed out) come with their reason: this is not one */
+		out_err(ctl, "sparkd at %s closed the connection without answering: it may be exiting; see its log",
 		        ctl_socket_path(ctl));
 		return CTL_EXIT_ERROR;
 	case CTL_INTERRUPTED:

@@ -17,44 +17,22 @@ status_pack(msgpack_packer *pk, void *arg)
 {
 	const bool *verbose = arg;
 	msgpack_pack_map(pk, 1);
-	proto_pack_kv_bool(pk, "verbose", *verbose);
+	proto_pack_kv_bool(pk, PROTO_P_VERBOSE, *verbose);
 }
 
-/* "celery=3, priority=0": queue lengths in whichever of the shapes a result may carry them. */
+/* "celery (3 waiting), priority": the queues, with their lengths once a worker has reported them. */
 static void
 status_fmt_queues(const msgpack_object *sup, char *buf, size_t len)
 {
-	const msgpack_object *q = proto_map_get(sup, "queue_lengths");
-	if (q == NULL)
-		q = proto_map_get(sup, "queues");
+	const msgpack_object *q = proto_map_get(sup, PROTO_F_QUEUES);
+	const msgpack_object *lengths = proto_map_get(sup, PROTO_F_QUEUE_LENGTHS);
 	size_t off = 0;
 	buf[0] = '\0';
-	if (q == NULL) {
-		snprintf(buf, len, "-");
-		return;
-	}
-	if (q->type == MSGPACK_OBJECT_STR) {
-		out_obj_str(q, buf, len);
-		return;
-	}
-	uint32_t n = q->type == MSGPACK_OBJECT_MAP     ? q->via.map.size
-	             : q->type == MSGPACK_OBJECT_ARRAY ? q->via.array.size
-	                                               : 0;
-	for (uint32_t i = 0; i < n && off < len; i++) {
-		char name[128], count[32] = "";
-		if (q->type == MSGPACK_OBJECT_MAP) {
-			out_obj_str(&q->via.map.ptr[i].key, name, sizeof name);
-			out_obj_str(&q->via.map.ptr[i].val, count, sizeof count);
-		} else if (q->via.array.ptr[i].type == MSGPACK_OBJECT_MAP) {
-			const msgpack_object *e = &q->via.array.ptr[i];
-			out_field_str(e, "name", name, sizeof name);
-			static const char *const keys[] = {"length", "len", "messages", "size", "waiting"};
-			for (size_t k = 0; k < sizeof keys / sizeof keys[0] && count[0] == '\0'; k++)
-				if (proto_map_get(e, keys[k]) != NULL)
-					out_field_int(e, keys[k], count, sizeof count);
-		} else {
-			out_obj_str(&q->via.array.ptr[i], name, sizeof name);
-		}
+	for (uint32_t i = 0; q != NULL && q->type == MSGPACK_OBJECT_ARRAY && i < q->via.array.size && off < len; i++) {
+		char name[256], count[32] = "";
+		out_obj_str(&q->via.array.ptr[i], name, sizeof name);
+		if (proto_map_get(lengths, name) != NULL)
+			out_field_int(lengths, name, count, sizeof count);
 		int w = count[0] ? snprintf(buf + off, len - off, "%s%s (%s waiting)", off ? ", " : "", name, count)
 		                 : snprintf(buf + off, len - off, "%s%s", off ? ", " : "", name);
 		if (w < 0)
@@ -71,18 +49,18 @@ status_fmt_limits(const msgpack_object *limits, char *buf, size_t len)
 	char tasks[32], mem[32], hard[32], soft[32];
 	int64_t kib = -1;
 	double d;
-	out_field_int(limits, "max_tasks_per_child", tasks, sizeof tasks);
+	out_field_int(limits, PROTO_F_MAX_TASKS_PER_CHILD, tasks, sizeof tasks);
 	if (strcmp(tasks, "0") == 0)
 		snprintf(tasks, sizeof tasks, "none");
-	if (proto_get_int(limits, "max_memory_kib", &kib) == 1 && kib == 0)
+	if (proto_get_int(limits, PROTO_F_MAX_MEMORY_KIB, &kib) == 1 && kib == 0)
 		snprintf(mem, sizeof mem, "none");
 	else
-		out_fmt_rss(mem, sizeof mem, proto_map_get(limits, "max_memory_kib") ? kib : -1);
-	if (proto_get_double(limits, "time_limit", &d) == 1 && isfinite(d))
+		out_fmt_rss(mem, sizeof mem, proto_map_get(limits, PROTO_F_MAX_MEMORY_KIB) ? kib : -1);
+	if (proto_get_double(limits, PROTO_F_TIME_LIMIT, &d) == 1 && isfinite(d))
 		snprintf(hard, sizeof hard, d > 0 ? "%g s" : "none", d);
 	else
 		snprintf(hard, sizeof hard, "-");
-	if (proto_get_double(limits, "soft_time_limit", &d) == 1 && isfinite(d))
+	if (proto_get_double(limits, PROTO_F_SOFT_TIME_LIMIT, &d) == 1 && isfinite(d))
 		snprintf(soft, sizeof soft, d > 0 ? "%g s" : "none", d);
 	else
 		snprintf(soft, sizeof soft, "-");
@@ -95,17 +73,17 @@ status_print_supervisor(const struct ctl *ctl, const msgpack_object *sup)
 {
 	char pid[32], version[64], uptime[32], sock[512], pool[32], workers[32], conc[32], queues[1024], limits[256],
 	    logfile[512], state[32], capital[32];
-	out_field_int(sup, "pid", pid, sizeof pid);
-	out_field_str(sup, "version", version, sizeof version);
-	out_field_duration(sup, "uptime_s", uptime, sizeof uptime);
-	out_field_str(sup, "socket", sock, sizeof sock);
-	out_field_str(sup, "pool", pool, sizeof pool);
-	out_field_int(sup, "workers", workers, sizeof workers);
-	out_field_int(sup, "concurrency", conc, sizeof conc);
+	out_field_int(sup, PROTO_F_PID, pid, sizeof pid);
+	out_field_str(sup, PROTO_F_VERSION, version, sizeof version);
+	out_field_duration(sup, PROTO_F_UPTIME_S, uptime, sizeof uptime);
+	out_field_str(sup, PROTO_F_SOCKET, sock, sizeof sock);
+	out_field_str(sup, PROTO_F_POOL, pool, sizeof pool);
+	out_field_int(sup, PROTO_F_WORKERS, workers, sizeof workers);
+	out_field_int(sup, PROTO_F_CONCURRENCY, conc, sizeof conc);
 	status_fmt_queues(sup, queues, sizeof queues);
-	status_fmt_limits(proto_map_get(sup, "limits"), limits, sizeof limits);
-	out_field_str(sup, "log_file", logfile, sizeof logfile);
-	out_field_str(sup, "state", state, sizeof state);
+	status_fmt_limits(proto_map_get(sup, PROTO_F_LIMITS), limits, sizeof limits);
+	out_field_str(sup, PROTO_F_LOG_FILE, logfile, sizeof logfile);
+	out_field_str(sup, PROTO_F_STATE, state, sizeof state);
 	out_capitalise(capital, sizeof capital, state);
 
 	printf("Supervisor: sparkd\n");
@@ -127,23 +105,23 @@ status_print_process(const struct ctl *ctl, const msgpack_object *p)
 {
 	char pid[32], state[32], capital[32], rss[32], processed[32], restarts[32], last[128], problem[256];
 	int64_t kib = -1;
-	out_field_int(p, "pid", pid, sizeof pid);
-	out_field_str(p, "state", state, sizeof state);
+	out_field_int(p, PROTO_F_PID, pid, sizeof pid);
+	out_field_str(p, PROTO_F_STATE, state, sizeof state);
 	out_capitalise(capital, sizeof capital, state);
-	if (proto_get_int(p, "rss_kib", &kib) != 1)
+	if (proto_get_int(p, PROTO_F_RSS_KIB, &kib) != 1)
 		kib = -1;
 	out_fmt_rss(rss, sizeof rss, kib);
-	out_field_int(p, "processed", processed, sizeof processed);
-	out_field_int(p, "restarts", restarts, sizeof restarts);
-	out_fmt_exit(last, sizeof last, proto_map_get(p, "last_exit"));
+	out_field_int(p, PROTO_F_PROCESSED, processed, sizeof processed);
+	out_field_int(p, PROTO_F_RESTARTS, restarts, sizeof restarts);
+	out_fmt_exit(last, sizeof last, proto_map_get(p, PROTO_F_LAST_EXIT));
 
 	printf("  Process %s: %s%s%s, RSS %s, processed %s, restarts %s, last restart: %s\n", pid,
 	       out_color(ctl, out_state_color(state)), capital, out_reset(ctl), rss, processed, restarts, last);
-	if (proto_get_str(p, "problem", problem, sizeof problem) == 1 && problem[0] != '\0') {
+	if (proto_get_str(p, PROTO_F_PROBLEM, problem, sizeof problem) == 1 && problem[0] != '\0') {
 		out_sanitize(problem);
 		printf("    Problem: %s\n", problem);
 	}
-	const msgpack_object *tasks = proto_map_get(p, "active_tasks");
+	const msgpack_object *tasks = proto_map_get(p, PROTO_F_ACTIVE_TASKS);
 	if (tasks == NULL || tasks->type != MSGPACK_OBJECT_ARRAY)
 		return;
 	for (uint32_t i = 0; i < tasks->via.array.size; i++) {
@@ -151,9 +129,9 @@ status_print_process(const struct ctl *ctl, const msgpack_object *p)
 		/* whole: workers accept ids up to 16 KiB and names up to 1 KiB */
 		char id[16385], name[1025], runtime[32];
 		double rt;
-		out_field_str(t, "id", id, sizeof id);
-		out_field_str(t, "name", name, sizeof name);
-		if (proto_get_double(t, "runtime_s", &rt) == 1 && isfinite(rt))
+		out_field_str(t, PROTO_F_ID, id, sizeof id);
+		out_field_str(t, PROTO_F_NAME, name, sizeof name);
+		if (proto_get_double(t, PROTO_F_RUNTIME_S, &rt) == 1 && isfinite(rt))
 			snprintf(runtime, sizeof runtime, "%.1f s", rt);
 		else
 			snprintf(runtime, sizeof runtime, "-");
@@ -165,13 +143,13 @@ static void
 status_print_worker(const struct ctl *ctl, const msgpack_object *w, bool verbose)
 {
 	char name[256], state[32], capital[32], conc[32], processed[32], active[32], uptime[32];
-	out_field_str(w, "name", name, sizeof name);
-	out_field_str(w, "state", state, sizeof state);
+	out_field_str(w, PROTO_F_NAME, name, sizeof name);
+	out_field_str(w, PROTO_F_STATE, state, sizeof state);
 	out_capitalise(capital, sizeof capital, state);
-	out_field_int(w, "concurrency", conc, sizeof conc);
-	out_field_int(w, "processed", processed, sizeof processed);
-	out_field_int(w, "active", active, sizeof active);
-	out_field_duration(w, "uptime_s", uptime, sizeof uptime);
+	out_field_int(w, PROTO_F_CONCURRENCY, conc, sizeof conc);
+	out_field_int(w, PROTO_F_PROCESSED, processed, sizeof processed);
+	out_field_int(w, PROTO_F_ACTIVE, active, sizeof active);
+	out_field_duration(w, PROTO_F_UPTIME_S, uptime, sizeof uptime);
 
 	/* the guide's six lines, word for word */
 	printf("Worker: %s\n", name);
@@ -185,11 +163,11 @@ status_print_worker(const struct ctl *ctl, const msgpack_object *w, bool verbose
 		return;
 
 	char pool[32], restarts[32];
-	out_field_str(w, "pool", pool, sizeof pool);
-	out_field_int(w, "restarts", restarts, sizeof restarts);
+	out_field_str(w, PROTO_F_POOL, pool, sizeof pool);
+	out_field_int(w, PROTO_F_RESTARTS, restarts, sizeof restarts);
 	printf("Pool: %s\n", pool);
 	printf("Restarts: %s\n", restarts);
-	const msgpack_object *procs = proto_map_get(w, "processes");
+	const msgpack_object *procs = proto_map_get(w, PROTO_F_PROCESSES);
 	if (procs == NULL || procs->type != MSGPACK_OBJECT_ARRAY || procs->via.array.size == 0) {
 		printf("Processes: -\n");
 		return;
@@ -238,11 +216,11 @@ cmd_status(struct ctl *ctl, const struct ctl_args *a)
 	}
 
 	if (verbose)
-		status_print_supervisor(ctl, proto_map_get(res, "supervisor"));
-	const msgpack_object *workers = proto_map_get(res, "workers");
+		status_print_supervisor(ctl, proto_map_get(res, PROTO_F_SUPERVISOR));
+	const msgpack_object *workers = proto_map_get(res, PROTO_F_WORKERS);
 	if (workers == NULL || workers->type != MSGPACK_OBJECT_ARRAY || workers->via.array.size == 0) {
 		char state[32];
-		out_field_str(proto_map_get(res, "supervisor"), "state", state, sizeof state);
+		out_field_str(proto_map_get(res, PROTO_F_SUPERVISOR), PROTO_F_STATE, state, sizeof state);
 		printf("No workers (sparkd state: %s)\n", state);
 	} else {
 		for (uint32_t i = 0; i < workers->via.array.size; i++) {

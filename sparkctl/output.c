@@ -134,11 +134,11 @@ out_level_color(const char *level)
 		return "";
 	if (strcasecmp(level, "debug") == 0)
 		return C_DIM;
-	if (strcasecmp(level, "warning") == 0 || strcasecmp(level, "warn") == 0)
+	if (strcasecmp(level, "warning") == 0)
 		return C_YELLOW;
 	if (strcasecmp(level, "error") == 0)
 		return C_RED;
-	if (strcasecmp(level, "critical") == 0 || strcasecmp(level, "fatal") == 0)
+	if (strcasecmp(level, "critical") == 0)
 		return C_BOLDRED;
 	return "";
 }
@@ -223,37 +223,17 @@ out_field_duration(const msgpack_object *map, const char *key, char *buf, size_t
 		snprintf(buf, len, "-");
 }
 
-/*
- * The last exit as an operator reads it: "max-tasks", "crashed (signal 9)", "exited (status 3)". The daemon may
- * already have put the detail in the reason; then it is shown as is.
- */
+/* The last exit as status gives it: its reason says it all ("max-tasks", "crashed (signal 9)", "exited (status 3)"). */
 void
 out_fmt_exit(char *buf, size_t len, const msgpack_object *last_exit)
 {
 	char reason[96];
-	int64_t sig = 0, status = 0;
-	bool has_reason, has_sig, has_status;
-	if (last_exit == NULL || last_exit->type != MSGPACK_OBJECT_MAP) {
+	if (proto_get_str(last_exit, PROTO_F_REASON, reason, sizeof reason) != 1 || reason[0] == '\0') {
 		snprintf(buf, len, "-");
 		return;
 	}
-	has_reason = proto_get_str(last_exit, "reason", reason, sizeof reason) == 1 && reason[0] != '\0';
-	has_sig = proto_get_int(last_exit, "signal", &sig) == 1 && sig > 0;
-	has_status = proto_get_int(last_exit, "status", &status) == 1;
-	if (has_reason)
-		out_sanitize(reason);
-	if (has_reason && strchr(reason, '(') != NULL) {
-		snprintf(buf, len, "%s", reason);
-		return;
-	}
-	bool generic = !has_reason || strcmp(reason, "crashed") == 0 || strcmp(reason, "exited") == 0 ||
-	               strcmp(reason, "killed") == 0;
-	if (generic && has_sig)
-		snprintf(buf, len, "%s (signal %lld)", has_reason ? reason : "crashed", (long long)sig);
-	else if (generic && has_status)
-		snprintf(buf, len, "%s (status %lld)", has_reason ? reason : "exited", (long long)status);
-	else
-		snprintf(buf, len, "%s", has_reason ? reason : "-");
+	out_sanitize(reason);
+	snprintf(buf, len, "%s", reason);
 }
 
 /* A copy of bytes that is valid UTF-8 without NULs: every byte that does not start a well-formed sequence
@@ -404,18 +384,17 @@ out_log_line(const struct ctl *ctl, const msgpack_object *line)
 {
 	char ts[48], level[16], worker[256], pid[32];
 	char msg[8192];
-	const msgpack_object *tso = proto_map_get(line, "ts");
 	double t;
-	if (tso != NULL && proto_get_double(line, "ts", &t) == 1)
+	if (proto_get_double(line, PROTO_F_TS, &t) == 1)
 		out_fmt_ts(ts, sizeof ts, t);
 	else
-		out_obj_str(tso, ts, sizeof ts);
-	out_field_str(line, "level", level, sizeof level);
+		snprintf(ts, sizeof ts, "-");
+	out_field_str(line, PROTO_F_LEVEL, level, sizeof level);
 	for (char *p = level; *p; p++)
 		*p = (char)toupper((unsigned char)*p);
-	out_field_str(line, "worker", worker, sizeof worker);
-	out_field_int(line, "pid", pid, sizeof pid);
-	const msgpack_object *mo = proto_map_get(line, "msg");
+	out_field_str(line, PROTO_F_WORKER, worker, sizeof worker);
+	out_field_int(line, PROTO_F_PID, pid, sizeof pid);
+	const msgpack_object *mo = proto_map_get(line, PROTO_F_MSG);
 	if (mo != NULL && mo->type == MSGPACK_OBJECT_STR) {
 		/* a captured line may still carry its newline; any other control byte is shown as '?' */
 		size_t n = mo->via.str.size;
@@ -438,12 +417,8 @@ out_log_line(const struct ctl *ctl, const msgpack_object *line)
 void
 out_dropped_line(const struct ctl *ctl, const msgpack_object *payload)
 {
-	char n[32] = "some";
-	const msgpack_object *d = proto_map_get(payload, "dropped");
-	if (d == NULL)
-		d = payload;
-	if (d != NULL && (d->type == MSGPACK_OBJECT_POSITIVE_INTEGER || d->type == MSGPACK_OBJECT_NEGATIVE_INTEGER))
-		out_obj_str(d, n, sizeof n);
+	char n[32];
+	out_field_int(payload, PROTO_N_DROPPED, n, sizeof n);
 	printf("%s-- %s lines dropped (reader too slow) --%s\n", out_color(ctl, C_YELLOW), n, out_reset(ctl));
 }
 

@@ -87,8 +87,9 @@ struct ctl_client {
 	struct proto_reader rd;
 	uint32_t next_msgid;
 	const char *path;
-	char errcode[32]; /* the daemon's error code when a call failed with one, else "" */
-	int peer_pid;     /* SO_PEERCRED: the listener's pid as our namespace sees it, 0 if unknown */
+	char errcode[32];     /* the daemon's error code when a call failed with one, else "" */
+	int peer_pid;         /* SO_PEERCRED: the listener's pid as our namespace sees it, 0 if unknown */
+	char closed_why[448]; /* the daemon closed this connection with a reason (msgid 0): every later call fails so */
 };
 
 /* Outcome of a request, mapped to exit codes by the handlers. */

@@ -5,6 +5,7 @@
  */
 #include <sys/socket.h>
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -50,7 +51,8 @@ ctl_client_close(struct ctl_client *c)
 {
 	c->flags |= CLIENT_CLOSING;
 	c->follow = false;
-	struct timeval rtv = {2, 0}, wtv = {CTL_IDLE_PARTIAL, 0};
+	evtimer_del(c->deadline_ev);
+	struct timeval rtv = {2, 0}, wtv = {CTL_CLOSE_TIMEOUT, 0};
 	bufferevent_set_timeouts(c->bev, &rtv, &wtv);
 	if (evbuffer_get_length(bufferevent_get_output(c->bev)) == 0)
 		client_linger(c);
@@ -65,13 +67,26 @@ ctl_client_fail(struct ctl_client *c, uint32_t msgid, const char *code, const ch
 	ctl_client_close(c);
 }
 
+/* Re-count what the client's reader holds; false when all readers together are over CTL_DECODE_BUDGET. */
+static bool
+client_charge(struct ctl_client *c)
+{
+	size_t held = proto_reader_held(&c->rd);
+	size_t charge = held > CTL_DECODE_FREE ? held - CTL_DECODE_FREE : 0;
+	c->sd->decode_held = c->sd->decode_held - c->decode_charge + charge;
+	c->decode_charge = charge;
+	return charge == 0 || c->sd->decode_held <= CTL_DECODE_BUDGET;
+}
+
 static void
 client_free(struct ctl_client *c)
 {
 	struct sparkd *sd = c->sd;
+	sd->decode_held -= c->decode_charge;
 	TAILQ_REMOVE(&sd->clients, c, entry);
 	sd->nclients--;
 	proto_reader_free(&c->rd);
+	event_free(c->deadline_ev);
 	bufferevent_free(c->bev);
 	free(c);
 }
@@ -82,14 +97,62 @@ is_array_head(unsigned char b)
 	return (b & 0xf0) == 0x90 || b == 0xdc || b == 0xdd;
 }
 
+/*
+ * A connection must bring a whole request within CTL_REQUEST_TIMEOUT of connecting or of its last one, however
+ * it trickles in: a fixed deadline, not an idle timer, so one byte a second does not hold it. Followers and stop
+ * waiters have a reason to wait and are exempt.
+ */
 static void
-client_set_partial(struct ctl_client *c, bool partial)
+client_arm_deadline(struct ctl_client *c)
 {
-	if (partial == c->partial)
+	if (c->follow || c->waits_exit) {
+		evtimer_del(c->deadline_ev);
 		return;
-	c->partial = partial;
-	struct timeval tv = {CTL_IDLE_PARTIAL, 0};
-	bufferevent_set_timeouts(c->bev, partial ? &tv : NULL, NULL);
+	}
+	struct timeval tv = {CTL_REQUEST_TIMEOUT, 0};
+	evtimer_add(c->deadline_ev, &tv);
+}
+
+static void
+client_deadline_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct ctl_client *c = arg;
+	char msg[96];
+	snprintf(msg, sizeof msg, "timed out: no complete request within %d s", CTL_REQUEST_TIMEOUT);
+	ctl_client_fail(c, 0, PROTO_E_TIMED_OUT, msg);
+}
+
+/* Dispatch the whole frames the reader holds, in order, unless the client lets its replies pile up. */
+static void
+client_run_frames(struct ctl_client *c)
+{
+	while (!(c->flags & (CLIENT_CLOSING | CLIENT_FREE))) {
+		if (evbuffer_get_length(bufferevent_get_output(c->bev)) > CTL_OUTPUT_MAX) {
+			/* pipelining without reading: no more of its requests until it reads (or its deadline ends it)
+			 */
+			c->paused = true;
+			bufferevent_disable(c->bev, EV_READ);
+			return;
+		}
+		msgpack_unpacked u;
+		msgpack_unpacked_init(&u);
+		int rc = proto_reader_next(&c->rd, &u);
+		if (rc == PROTO_READ_FRAME) {
+			ctl_dispatch(c, &u.data);
+			if (!(c->flags & (CLIENT_CLOSING | CLIENT_FREE)))
+				client_arm_deadline(c);
+		}
+		msgpack_unpacked_destroy(&u);
+		if (rc == PROTO_READ_NEED_MORE) {
+			proto_reader_shrink(&c->rd);
+			client_charge(c);
+			return;
+		}
+		if (rc == PROTO_READ_BAD)
+			ctl_client_fail(c, 0, PROTO_E_BAD_REQUEST, "not valid msgpack");
+		else if (rc == PROTO_READ_TOO_LARGE)
+			ctl_client_fail(c, 0, PROTO_E_FRAME_TOO_LARGE, "a frame is at most 1 MiB");
+	}
 }
 
 static void
@@ -107,7 +170,9 @@ client_read_cb(struct bufferevent *bev, void *arg)
 		return;
 	}
 	c->flags |= CLIENT_IN_CALLBACK;
-	while (!(c->flags & (CLIENT_CLOSING | CLIENT_FREE)) && evbuffer_get_length(in) > 0) {
+	/* frames held back while it was paused go first */
+	client_run_frames(c);
+	while (!(c->flags & (CLIENT_CLOSING | CLIENT_FREE)) && !c->paused && evbuffer_get_length(in) > 0) {
 		int n = evbuffer_remove(in, buf, sizeof buf);
 		if (n <= 0)
 			break;
@@ -123,28 +188,31 @@ client_read_cb(struct bufferevent *bev, void *arg)
 			ctl_client_fail(c, 0, PROTO_E_FRAME_TOO_LARGE, "a frame is at most 1 MiB");
 			break;
 		}
+		if (rc == PROTO_READ_TOO_MANY) {
+			char msg[64];
+			snprintf(msg, sizeof msg, "a request holds at most %d values", PROTO_REQUEST_VALUES_MAX);
+			ctl_client_fail(c, 0, PROTO_E_FRAME_TOO_LARGE, msg);
+			break;
+		}
+		if (rc == PROTO_READ_NEED_MORE && !client_charge(c)) {
+			ctl_client_fail(c, 0, PROTO_E_OVERLOADED,
+			                "sparkd is reading too many large frames at once; try again");
+			break;
+		}
 		if (rc != PROTO_READ_NEED_MORE) {
 			ctl_client_fail(c, 0, PROTO_E_BAD_REQUEST, "not valid msgpack");
 			break;
 		}
-		while (!(c->flags & (CLIENT_CLOSING | CLIENT_FREE))) {
-			msgpack_unpacked u;
-			msgpack_unpacked_init(&u);
-			rc = proto_reader_next(&c->rd, &u);
-			if (rc == PROTO_READ_FRAME)
-				ctl_dispatch(c, &u.data);
-			msgpack_unpacked_destroy(&u);
-			if (rc == PROTO_READ_NEED_MORE)
-				break;
-			if (rc == PROTO_READ_BAD)
-				ctl_client_fail(c, 0, PROTO_E_BAD_REQUEST, "not valid msgpack");
-			else if (rc == PROTO_READ_TOO_LARGE)
-				ctl_client_fail(c, 0, PROTO_E_FRAME_TOO_LARGE, "a frame is at most 1 MiB");
-		}
+		client_run_frames(c);
 	}
-	if (!(c->flags & (CLIENT_CLOSING | CLIENT_FREE)))
-		client_set_partial(c, msgpack_unpacker_message_size(&c->rd.unp) > 0);
 	c->flags &= ~CLIENT_IN_CALLBACK;
+	if ((c->flags & CLIENT_CLOSING) && !(c->flags & CLIENT_FREE) && c->decode_charge > 0) {
+		/* nothing more is decoded for it: its share of the budget goes back now, not at the close */
+		proto_reader_free(&c->rd);
+		if (proto_reader_init(&c->rd) < 0)
+			fatalx("out of memory (msgpack unpacker)");
+		client_charge(c);
+	}
 	if (c->flags & CLIENT_FREE)
 		client_free(c);
 	else if ((c->flags & CLIENT_CLOSING) && evbuffer_get_length(bufferevent_get_output(c->bev)) == 0)
@@ -159,6 +227,12 @@ client_write_cb(struct bufferevent *bev, void *arg)
 		client_linger(c);
 		return;
 	}
+	if (c->paused) {
+		c->paused = false;
+		bufferevent_enable(c->bev, EV_READ);
+		client_read_cb(bev, c); /* may free c */
+		return;
+	}
 	if (c->follow && c->dropped > 0)
 		ctl_follow_send_dropped(c);
 }
@@ -167,10 +241,7 @@ static void
 client_event_cb(struct bufferevent *bev, short what, void *arg)
 {
 	struct ctl_client *c = arg;
-	if ((what & BEV_EVENT_TIMEOUT) && !(c->flags & CLIENT_CLOSING))
-		log_warnx("control client (pid %d): partial frame idle for %ds; closing", (int)c->pid,
-		          CTL_IDLE_PARTIAL);
-	/* EOF, error and timeout all end the same way */
+	/* EOF, error and the closing timeouts all end the same way */
 	if (c->flags & CLIENT_IN_CALLBACK)
 		c->flags |= CLIENT_FREE;
 	else
@@ -187,11 +258,16 @@ ctl_client_new(struct sparkd *sd, int fd, const struct ucred *cr)
 	c->pid = cr->pid;
 	if (proto_reader_init(&c->rd) < 0)
 		fatalx("out of memory (msgpack unpacker)");
+	c->rd.scan.values_max = PROTO_REQUEST_VALUES_MAX;
 	c->bev = bufferevent_socket_new(sd->base, fd, BEV_OPT_CLOSE_ON_FREE);
 	if (c->bev == NULL)
 		fatalx("out of memory (bufferevent)");
 	bufferevent_setcb(c->bev, client_read_cb, client_write_cb, client_event_cb, c);
 	bufferevent_enable(c->bev, EV_READ | EV_WRITE);
+	c->deadline_ev = evtimer_new(sd->base, client_deadline_cb, c);
+	if (c->deadline_ev == NULL)
+		fatalx("out of memory (timer)");
+	client_arm_deadline(c);
 	TAILQ_INSERT_TAIL(&sd->clients, c, entry);
 	sd->nclients++;
 	return c;

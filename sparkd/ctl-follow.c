@@ -13,12 +13,12 @@ ctl_pack_log_line(msgpack_packer *pk, const struct lc_line *l)
 	spark_strlcpy(level, log_level_name(l->level), sizeof level);
 	for (char *s = level; *s; s++)
 		*s = (char)(*s - 'A' + 'a');
-	msgpack_pack_map(pk, 5);
-	proto_pack_kv_double(pk, "ts", l->ts);
-	proto_pack_kv_str(pk, "level", level);
-	proto_pack_kv_str(pk, "worker", l->worker);
-	proto_pack_kv_int(pk, "pid", l->pid);
-	proto_pack_key(pk, "msg");
+	msgpack_pack_map(pk, PROTO_NFIELDS(PROTO_LOG_LINE_FIELDS));
+	proto_pack_kv_double(pk, PROTO_F_TS, l->ts);
+	proto_pack_kv_str(pk, PROTO_F_LEVEL, level);
+	proto_pack_kv_str(pk, PROTO_F_WORKER, l->worker);
+	proto_pack_kv_int(pk, PROTO_F_PID, l->pid);
+	proto_pack_key(pk, PROTO_F_MSG);
 	msgpack_pack_str(pk, l->len);
 	msgpack_pack_str_body(pk, l->msg, l->len);
 }
@@ -32,7 +32,7 @@ ctl_follow_send_dropped(struct ctl_client *c)
 	msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
 	proto_pack_notify_head(&pk, PROTO_N_LOG);
 	msgpack_pack_array(&pk, 1);
-	msgpack_pack_map(&pk, 1);
+	msgpack_pack_map(&pk, PROTO_NFIELDS(PROTO_DROPPED_FIELDS));
 	proto_pack_kv_int(&pk, PROTO_N_DROPPED, c->dropped);
 	ctl_client_send(c, &sb);
 	msgpack_sbuffer_destroy(&sb);

@@ -10,6 +10,7 @@
 struct ctl_method {
 	const char *name;
 	void (*fn)(struct ctl_client *, const struct proto_request *);
+	const char *const *params; /* the names it knows, NULL-terminated */
 };
 
 static void
@@ -20,10 +21,10 @@ m_ping(struct ctl_client *c, const struct proto_request *req)
 	msgpack_packer pk;
 	msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
 	proto_pack_result_head(&pk, req->msgid);
-	msgpack_pack_map(&pk, 3);
-	proto_pack_kv_int(&pk, "protocol", SPARK_PROTOCOL_VERSION);
-	proto_pack_kv_str(&pk, "version", SPARK_VERSION);
-	proto_pack_kv_int(&pk, "pid", c->sd->pid);
+	msgpack_pack_map(&pk, PROTO_NFIELDS(PROTO_PING_FIELDS));
+	proto_pack_kv_int(&pk, PROTO_F_PROTOCOL, SPARK_PROTOCOL_VERSION);
+	proto_pack_kv_str(&pk, PROTO_F_VERSION, SPARK_VERSION);
+	proto_pack_kv_int(&pk, PROTO_F_PID, c->sd->pid);
 	ctl_client_send(c, &sb);
 	msgpack_sbuffer_destroy(&sb);
 }
@@ -32,7 +33,7 @@ static void
 m_status(struct ctl_client *c, const struct proto_request *req)
 {
 	bool verbose = false;
-	if (proto_get_bool(req->params, "verbose", &verbose) < 0) {
+	if (proto_get_bool(req->params, PROTO_P_VERBOSE, &verbose) < 0) {
 		ctl_reply_error(c, req->msgid, PROTO_E_BAD_PARAMS, "verbose must be a boolean");
 		return;
 	}
@@ -41,12 +42,13 @@ m_status(struct ctl_client *c, const struct proto_request *req)
 	msgpack_packer pk;
 	msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
 	proto_pack_result_head(&pk, req->msgid);
-	ctl_pack_status(c->sd, &pk, verbose, true);
+	/* the per-process detail only for who asks for it: a poller's status stays small */
+	ctl_pack_status(c->sd, &pk, verbose, false);
 	if (sb.size > SPARK_FRAME_MAX) {
 		/* thousands of processes: the per-process detail does not fit in one frame */
 		msgpack_sbuffer_clear(&sb);
 		proto_pack_result_head(&pk, req->msgid);
-		ctl_pack_status(c->sd, &pk, verbose, false);
+		ctl_pack_status(c->sd, &pk, false, true);
 	}
 	ctl_client_send(c, &sb);
 	msgpack_sbuffer_destroy(&sb);
@@ -60,21 +62,21 @@ m_logs(struct ctl_client *c, const struct proto_request *req)
 	bool follow = false;
 	char level_s[32] = "", worker[300] = "";
 	int level = SPARK_LOG_DEBUG;
-	if (proto_get_int(req->params, "lines", &lines) < 0 || lines < 0) {
+	if (proto_get_int(req->params, PROTO_P_LINES, &lines) < 0 || lines < 0) {
 		ctl_reply_error(c, req->msgid, PROTO_E_BAD_PARAMS, "lines must be a whole number >= 0");
 		return;
 	}
-	if (proto_get_bool(req->params, "follow", &follow) < 0) {
+	if (proto_get_bool(req->params, PROTO_P_FOLLOW, &follow) < 0) {
 		ctl_reply_error(c, req->msgid, PROTO_E_BAD_PARAMS, "follow must be a boolean");
 		return;
 	}
-	int r = proto_get_str(req->params, "level", level_s, sizeof level_s);
+	int r = proto_get_str(req->params, PROTO_P_LEVEL, level_s, sizeof level_s);
 	if (r < 0 || (r == 1 && level_s[0] != '\0' && (level = log_level_parse(level_s)) < 0)) {
 		ctl_reply_error(c, req->msgid, PROTO_E_BAD_PARAMS,
 		                "level must be one of debug, info, warning, error, critical");
 		return;
 	}
-	if (proto_get_str(req->params, "worker", worker, sizeof worker) < 0) {
+	if (proto_get_str(req->params, PROTO_P_WORKER, worker, sizeof worker) < 0) {
 		ctl_reply_error(c, req->msgid, PROTO_E_BAD_PARAMS, "worker must be a worker name such as celery@host");
 		return;
 	}
@@ -98,8 +100,8 @@ m_logs(struct ctl_client *c, const struct proto_request *req)
 	msgpack_packer pk;
 	msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
 	proto_pack_result_head(&pk, req->msgid);
-	msgpack_pack_map(&pk, 1);
-	proto_pack_key(&pk, "lines");
+	msgpack_pack_map(&pk, PROTO_NFIELDS(PROTO_LOGS_FIELDS));
+	proto_pack_key(&pk, PROTO_F_LINES);
 	msgpack_pack_array(&pk, n);
 	for (size_t i = first, k = 0; k < n && i < lc->count; i++) {
 		const struct lc_line *l = logcap_ring_get(lc, i);
@@ -129,11 +131,11 @@ m_stop(struct ctl_client *c, const struct proto_request *req)
 	}
 	bool force = false;
 	double timeout = -1;
-	if (proto_get_bool(req->params, "force", &force) < 0) {
+	if (proto_get_bool(req->params, PROTO_P_FORCE, &force) < 0) {
 		ctl_reply_error(c, req->msgid, PROTO_E_BAD_PARAMS, "force must be a boolean");
 		return;
 	}
-	int r = proto_get_double(req->params, "timeout_s", &timeout);
+	int r = proto_get_double(req->params, PROTO_P_TIMEOUT_S, &timeout);
 	if (r < 0 || (r == 1 && !(timeout >= 0 && timeout <= 30 * 86400))) {
 		ctl_reply_error(c, req->msgid, PROTO_E_BAD_PARAMS, "timeout_s must be a number of seconds >= 0");
 		return;
@@ -145,20 +147,27 @@ m_stop(struct ctl_client *c, const struct proto_request *req)
 	msgpack_packer pk;
 	msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
 	proto_pack_result_head(&pk, req->msgid);
-	msgpack_pack_map(&pk, 1);
-	proto_pack_kv_bool(&pk, "stopping", true);
+	msgpack_pack_map(&pk, PROTO_NFIELDS(PROTO_STOP_FIELDS));
+	proto_pack_kv_bool(&pk, PROTO_F_STOPPING, true);
 	ctl_client_send(c, &sb);
 	msgpack_sbuffer_destroy(&sb);
 	log_info("%s stop requested by pid %d (uid %u)", force ? "cold" : "warm", (int)c->pid, (unsigned)c->uid);
+	/* sparkctl waits on this connection for sparkd's exit */
+	c->waits_exit = true;
 	/* timeout 0: no grace at all */
 	sup_stop(sd, force || (r == 1 && timeout == 0), timeout);
 }
 
+static const char *const ping_params[] = {NULL};
+static const char *const status_params[] = {PROTO_P_VERBOSE, NULL};
+static const char *const logs_params[] = {PROTO_P_LINES, PROTO_P_FOLLOW, PROTO_P_LEVEL, PROTO_P_WORKER, NULL};
+static const char *const stop_params[] = {PROTO_P_FORCE, PROTO_P_TIMEOUT_S, NULL};
+
 static const struct ctl_method methods[] = {
-    {PROTO_M_PING, m_ping},
-    {PROTO_M_STATUS, m_status},
-    {PROTO_M_LOGS, m_logs},
-    {PROTO_M_STOP, m_stop},
+    {PROTO_M_PING, m_ping, ping_params},
+    {PROTO_M_STATUS, m_status, status_params},
+    {PROTO_M_LOGS, m_logs, logs_params},
+    {PROTO_M_STOP, m_stop, stop_params},
 };
 
 void
@@ -185,10 +194,13 @@ ctl_dispatch(struct ctl_client *c, const msgpack_object *o)
 		return;
 	}
 	for (size_t i = 0; i < sizeof methods / sizeof methods[0]; i++) {
-		if (strcmp(req.method, methods[i].name) == 0) {
+		if (strcmp(req.method, methods[i].name) != 0)
+			continue;
+		if (proto_check_params(req.params, methods[i].params, err, sizeof err) < 0)
+			ctl_reply_error(c, req.msgid, PROTO_E_BAD_PARAMS, err);
+		else
 			methods[i].fn(c, &req);
-			return;
-		}
+		return;
 	}
 	char msg[96];
 	snprintf(msg, sizeof msg, "unknown method '%s' (protocol %d: ping, status, logs, stop)", req.method,

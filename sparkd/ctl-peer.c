@@ -61,3 +61,24 @@ ctl_clients_of(struct sparkd *sd, uid_t uid)
 	}
 	return n;
 }
+
+/*
+ * May one more connection from peer_uid stay? NULL when it may, else the cause for the refusal. fd is the new
+ * connection's descriptor: the kernel hands out the lowest free one, so every descriptor below it is in use and
+ * fd tells how close to RLIMIT_NOFILE sparkd is. Tiers: others, the daemon's uid, root; each tier's limits
+ * exceed the one below, so a lower tier filling its share never locks out a higher one. Only others stop short of
+ * the descriptor limit: what is left (and the spare descriptor, server.c) is the owners'.
+ */
+const char *
+ctl_admit_check(uid_t peer_uid, uid_t self_uid, int nclients, int of_uid, int fd, long fd_limit)
+{
+	int tier = peer_uid == 0 ? 2 : peer_uid == self_uid ? 1 : 0;
+	int total = CTL_MAX_CLIENTS + tier * CTL_OWNER_RESERVE;
+	if (tier == 0 && fd_limit > 0 && fd >= fd_limit - CTL_FD_RESERVE)
+		return "too many connections: sparkd is running out of file descriptors";
+	if (nclients >= total)
+		return "too many connections: the control socket is full";
+	if (tier < 2 && of_uid >= CTL_MAX_PER_UID + tier * CTL_OWNER_RESERVE)
+		return "too many connections from this user";
+	return NULL;
+}

@@ -7,6 +7,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "rundir.h"
 #include "sparkd.h"
 
 static void
@@ -31,17 +32,24 @@ sd_startup_fail(struct sparkd *sd, const char *fmt, ...)
 	} else if (sd->ready_fd < 0) {
 		fprintf(stderr, "sparkd: %s\n", msg);
 	}
-	if (sd->ready_fd >= 0) {
-		char buf[1100];
-		int n = snprintf(buf, sizeof buf, "E%s", msg);
-		ssize_t w = write(sd->ready_fd, buf, (size_t)n);
-		(void)w;
-		close(sd->ready_fd);
-		sd->ready_fd = -1;
-	}
+	sd_ready_fail(sd, msg);
 	ctl_close_listener(sd);
 	pidfile_remove(sd);
 	exit(1);
+}
+
+/* Tell the waiting --daemon parent why startup failed (it prints msg and exits 1); nothing when none waits. */
+void
+sd_ready_fail(struct sparkd *sd, const char *msg)
+{
+	if (sd->ready_fd < 0)
+		return;
+	char buf[1100];
+	int n = snprintf(buf, sizeof buf, "%c%s", PROTO_READY_FAIL, msg);
+	ssize_t w = write(sd->ready_fd, buf, n < (int)sizeof buf ? (size_t)n : sizeof buf - 1);
+	(void)w;
+	close(sd->ready_fd);
+	sd->ready_fd = -1;
 }
 
 /* Every worker reported ready (once): tell systemd and the waiting --daemon parent; let go of the terminal. */
@@ -59,7 +67,8 @@ sd_ready(struct sparkd *sd)
 	sys_notify_status(sd);
 	sys_notify(sd, "READY=1");
 	if (sd->ready_fd >= 0) {
-		ssize_t w = write(sd->ready_fd, "R", 1);
+		char ok = PROTO_READY_OK;
+		ssize_t w = write(sd->ready_fd, &ok, 1);
 		(void)w;
 		close(sd->ready_fd);
 		sd->ready_fd = -1;
@@ -90,8 +99,11 @@ sd_pidfile_write(struct sparkd *sd)
 	const char *slash = strrchr(path, '/');
 	if (slash != NULL && slash != path) {
 		char *dir = xstrndup(path, (size_t)(slash - path));
-		(void)mkdir_p(dir, 0750);
+		char err[512];
+		int rc = rundir_prepare(dir, 0750, "pid file", err, sizeof err);
 		free(dir);
+		if (rc < 0)
+			sd_startup_fail(sd, "%s (set SPARK_PID_FILE)", err);
 	}
 	int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0644);
 	if (fd < 0)
@@ -110,13 +122,7 @@ void
 sd_cleanup(struct sparkd *sd)
 {
 	logcap_drain_all(sd);
-	if (sd->ready_fd >= 0) {
-		static const char msg[] = "Estopped before every worker was ready";
-		ssize_t w = write(sd->ready_fd, msg, sizeof msg - 1);
-		(void)w;
-		close(sd->ready_fd);
-		sd->ready_fd = -1;
-	}
+	sd_ready_fail(sd, "stopped before every worker was ready");
 	ctl_close_listener(sd);
 	pidfile_remove(sd);
 	log_info("sparkd stopped (exit %d)", sd->exit_code);

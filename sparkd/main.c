@@ -13,6 +13,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "rundir.h"
 #include "sparkd.h"
 #include "url.h"
 
@@ -68,12 +69,7 @@ start_timeout_cb(evutil_socket_t fd, short what, void *arg)
 	snprintf(msg, sizeof msg, "workers not ready within %gs (SPARK_START_TIMEOUT): %s; stopped",
 	         sd->cfg.start_timeout, why);
 	log_errorx("%s", msg);
-	char buf[1000];
-	int n = snprintf(buf, sizeof buf, "E%s", msg);
-	ssize_t w = write(sd->ready_fd, buf, (size_t)n);
-	(void)w;
-	close(sd->ready_fd);
-	sd->ready_fd = -1;
+	sd_ready_fail(sd, msg);
 	sd->exit_code = 1;
 	sup_stop(sd, false, 5);
 }
@@ -146,9 +142,9 @@ daemonize(struct sparkd *sd)
 				break;
 		}
 		buf[len] = '\0';
-		if (len > 0 && buf[0] == 'R')
+		if (len > 0 && buf[0] == PROTO_READY_OK)
 			exit(0);
-		if (len > 1 && buf[0] == 'E')
+		if (len > 1 && buf[0] == PROTO_READY_FAIL)
 			fprintf(stderr, "sparkd: %s\n", buf + 1);
 		else
 			fprintf(stderr, "sparkd: the daemon exited during startup; see %s/sparkd.log\n",
@@ -265,6 +261,7 @@ main(int argc, char **argv)
 	memset(&sdv, 0, sizeof sdv);
 	struct sparkd *sd = &sdv;
 	sd->listen_fd = -1;
+	sd->spare_fd = -1;
 	sd->ready_fd = -1;
 	sd->lc.file_fd = -1;
 	sd->lc.echo_fd = -1;
@@ -309,6 +306,9 @@ main(int argc, char **argv)
 	if (ctl_listen(sd, err, sizeof err) < 0)
 		sd_startup_fail(sd, "%s", err);
 	sd_pidfile_write(sd);
+	/* the log goes in the fallback when nothing better is known: the same check as the socket's */
+	if (rundir_in_fallback(sd->cfg.log_dir) && rundir_prepare(sd->cfg.log_dir, 0750, "log", err, sizeof err) < 0)
+		sd_startup_fail(sd, "%s (set SPARK_LOG_DIR)", err);
 	if (logcap_init(sd, err, sizeof err) < 0)
 		sd_startup_fail(sd, "%s", err);
 	sd_bridge = sd;

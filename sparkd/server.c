@@ -2,6 +2,7 @@
  * The control socket itself (DESIGN §4): checking for a running sparkd, binding (or adopting systemd's socket),
  * accepting with the peer checks and caps, closing at exit.
  */
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -14,28 +15,88 @@
 #include <unistd.h>
 
 #include "ctl.h"
+#include "rundir.h"
+
+/* The spare descriptor: given up at EMFILE so one more connection can be accepted, taken back when possible. */
+static void
+spare_take(struct sparkd *sd)
+{
+	if (sd->spare_fd < 0)
+		sd->spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+}
 
 static void
 accept_retry_cb(evutil_socket_t fd, short what, void *arg)
 {
 	struct sparkd *sd = arg;
+	spare_take(sd);
 	if (sd->listen_ev != NULL)
 		event_add(sd->listen_ev, NULL);
+}
+
+/*
+ * Out of descriptors: accept with the spare one so the connection is not left in the backlog (where it would wake
+ * the loop again at once), or pause accepting for a second when even that fails.
+ */
+static int
+accept_at_emfile(struct sparkd *sd, int lfd)
+{
+	int fd = -1;
+	if (sd->spare_fd >= 0) {
+		close(sd->spare_fd);
+		sd->spare_fd = -1;
+		fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+	}
+	if (fd < 0) {
+		log_warnx("control socket: out of file descriptors; not accepting for 1s");
+		event_del(sd->listen_ev);
+		struct timeval tv = {1, 0};
+		evtimer_add(sd->accept_retry_ev, &tv);
+		errno = EMFILE;
+	}
+	return fd;
+}
+
+/* Refused for a cap: the cause goes back at once, without a client, so a refusal costs no more than its accept. */
+static void
+accept_refuse(struct sparkd *sd, int fd, const struct ucred *cr, const char *why)
+{
+	int of_uid = ctl_clients_of(sd, cr->uid);
+	char msg[256];
+	snprintf(msg, sizeof msg, "%s (uid %u holds %d of %d connections; try again later)", why, (unsigned)cr->uid,
+	         of_uid, sd->nclients);
+	msgpack_sbuffer sb;
+	msgpack_sbuffer_init(&sb);
+	msgpack_packer pk;
+	msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+	proto_pack_error_response(&pk, 0, PROTO_E_TOO_MANY, msg);
+	/* a fresh socket's buffer takes a few hundred bytes; if not, the close alone says it */
+	(void)!send(fd, sb.data, sb.size, MSG_DONTWAIT | MSG_NOSIGNAL);
+	msgpack_sbuffer_destroy(&sb);
+	close(fd);
+	double now = now_mono();
+	if (now - sd->capped_logged >= 1) {
+		log_warnx("control client refused: pid %d: %s", (int)cr->pid, msg);
+		sd->capped_logged = now;
+	}
 }
 
 static void
 accept_cb(evutil_socket_t lfd, short what, void *arg)
 {
 	struct sparkd *sd = arg;
+	spare_take(sd);
 	for (int i = 0; i < 32; i++) {
 		int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+		if (fd < 0 && (errno == EMFILE || errno == ENFILE))
+			fd = accept_at_emfile(sd, lfd);
 		if (fd < 0) {
 			if (errno == EINTR || errno == ECONNABORTED)
 				continue;
-			if (errno == EAGAIN || errno == EWOULDBLOCK)
+			if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EMFILE || errno == ENFILE)
 				return;
-			if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
-				/* out of descriptors: pause accepting for a second instead of spinning */
+			if (errno == ENOBUFS || errno == ENOMEM) {
+				/* the kernel is short of memory: pause accepting for a second instead of spinning */
 				log_warn("accept on the control socket; pausing for 1s");
 				event_del(sd->listen_ev);
 				struct timeval tv = {1, 0};
@@ -65,10 +126,10 @@ accept_cb(evutil_socket_t lfd, short what, void *arg)
 				sd->refused_logged = now;
 			}
 		}
-		if (sd->nclients >= CTL_MAX_CLIENTS || ctl_clients_of(sd, cr.uid) >= CTL_MAX_PER_UID) {
-			log_warnx("control client refused: pid %d uid %u: too many connections (%d in all)",
-			          (int)cr.pid, (unsigned)cr.uid, sd->nclients);
-			close(fd);
+		const char *why =
+		    ctl_admit_check(cr.uid, sd->uid, sd->nclients, ctl_clients_of(sd, cr.uid), fd, sd->fd_limit);
+		if (why != NULL) {
+			accept_refuse(sd, fd, &cr, why);
 			continue;
 		}
 		ctl_client_new(sd, fd, &cr)->refused = !allowed;
@@ -161,7 +222,7 @@ ctl_check_running(const char *path, char *err, size_t errlen)
 				struct proto_message m;
 				char e[64];
 				if (proto_parse_message(&u.data, &m, e, sizeof e) == 0 && m.type == PROTO_RESPONSE &&
-				    proto_get_int(m.result, "pid", &pid) != 1)
+				    proto_get_int(m.result, PROTO_F_PID, &pid) != 1)
 					pid = -1;
 				if (pid == 0)
 					pid = -1;
@@ -202,10 +263,7 @@ ctl_listen(struct sparkd *sd, char *err, size_t errlen)
 		const char *slash = strrchr(path, '/');
 		if (slash != NULL && slash != path) {
 			char *dir = xstrndup(path, (size_t)(slash - path));
-			int rc = mkdir_p(dir, 0750);
-			if (rc < 0)
-				snprintf(err, errlen, "cannot create the socket directory %s: %s", dir,
-				         strerror(errno));
+			int rc = rundir_prepare(dir, 0750, "socket", err, errlen);
 			free(dir);
 			if (rc < 0)
 				return -1;
@@ -245,6 +303,9 @@ ctl_listen(struct sparkd *sd, char *err, size_t errlen)
 		sd->listen_owned = true;
 	}
 	sd->listen_fd = fd;
+	struct rlimit rl;
+	sd->fd_limit = getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY ? (long)rl.rlim_cur : 0;
+	spare_take(sd);
 	struct stat st;
 	sd->sock_gid = stat(sd->sock_path, &st) == 0 ? st.st_gid : getgid();
 	sd->listen_ev = event_new(sd->base, fd, EV_READ | EV_PERSIST, accept_cb, sd);
@@ -264,6 +325,9 @@ ctl_close_listener(struct sparkd *sd)
 	if (sd->accept_retry_ev != NULL)
 		event_free(sd->accept_retry_ev);
 	sd->listen_ev = sd->accept_retry_ev = NULL;
+	if (sd->spare_fd >= 0)
+		close(sd->spare_fd);
+	sd->spare_fd = -1;
 	if (sd->listen_fd >= 0) {
 		close(sd->listen_fd);
 		if (sd->listen_owned)

@@ -25,10 +25,9 @@
 
 #define SD_SELF_NAME "sparkd"
 
-/* Restart backoff after a crash: 100 ms doubling to 30 s, back to 100 ms after 60 s of health. */
-#define SD_BACKOFF_MIN   0.1
-#define SD_BACKOFF_MAX   30.0
-#define SD_HEALTHY_AFTER 60.0
+/* Restart backoff over consecutive early failures (before SPARK_STARTSECS): 100 ms doubling to 30 s. */
+#define SD_BACKOFF_MIN 0.1
+#define SD_BACKOFF_MAX 30.0
 /* Grace after the hard time limit before sparkd kills the process itself. */
 #define SD_TIME_LIMIT_GRACE 5.0
 /* Cold stop: SIGQUIT, then SIGKILL after this long. */
@@ -42,12 +41,27 @@
 /* Bytes of message text the ring may hold, whatever its line count. */
 #define LC_RING_MAX_BYTES (16 * 1024 * 1024)
 
-/* Control clients. */
-#define CTL_MAX_CLIENTS  256
-#define CTL_MAX_PER_UID  64
-#define CTL_IDLE_PARTIAL 10           /* seconds a partial frame may sit */
-#define CTL_FOLLOW_LIMIT (128 * 1024) /* a follower's output buffer: stop queueing above this */
-#define CTL_READ_CHUNK   (64 * 1024)
+/*
+ * Control clients. Others (socket-group members) get CTL_MAX_PER_UID each and CTL_MAX_CLIENTS together; the
+ * daemon's uid a reserve of CTL_OWNER_RESERVE beyond both, root twice that, so no one below them can lock them out.
+ * Descriptors likewise: others stop CTL_FD_RESERVE short of RLIMIT_NOFILE, owners go further.
+ */
+#define CTL_MAX_CLIENTS     256
+#define CTL_MAX_PER_UID     64
+#define CTL_OWNER_RESERVE   16
+#define CTL_FD_RESERVE      32
+#define CTL_REQUEST_TIMEOUT 5  /* seconds from connecting, or from the last request, to the next whole request */
+#define CTL_CLOSE_TIMEOUT   10 /* seconds a closing client has to take its last reply */
+/*
+ * Memory of frames being read: each client's first CTL_DECODE_FREE bytes are its own (every real request fits),
+ * what any client holds beyond that comes out of one CTL_DECODE_BUDGET for all of them.
+ */
+#define CTL_DECODE_FREE (64 * 1024)
+/* Replies queued for a client that does not read them: above this, its requests wait until it does. */
+#define CTL_OUTPUT_MAX    (2 * SPARK_FRAME_MAX)
+#define CTL_DECODE_BUDGET (16 * 1024 * 1024)
+#define CTL_FOLLOW_LIMIT  (128 * 1024) /* a follower's output buffer: stop queueing above this */
+#define CTL_READ_CHUNK    (64 * 1024)
 
 /* States shown in status (DESIGN §4). */
 enum sd_pstate {
@@ -80,6 +94,7 @@ struct sd_exit {
 	int status;      /* exit status, -1 when killed by a signal */
 	int signal;      /* 0 when it exited */
 	double at;       /* wall clock */
+	pid_t pid;       /* the process it is about */
 };
 
 struct sd_worker;
@@ -198,9 +213,12 @@ struct ctl_client {
 	int follow_level;
 	char follow_worker[300];
 	long dropped;
-	bool partial;     /* read timeout armed */
-	size_t discarded; /* input thrown away while closing */
-	bool refused;     /* not allowed on this socket: every request gets permission_denied, then close */
+	struct event *deadline_ev; /* CTL_REQUEST_TIMEOUT: armed until a follow or a stop makes the wait legitimate */
+	bool waits_exit;           /* asked for stop: stays until sparkd exits */
+	bool paused;               /* CTL_OUTPUT_MAX queued: not reading its requests until it reads our replies */
+	size_t decode_charge;      /* what its reader holds beyond CTL_DECODE_FREE, counted in sd->decode_held */
+	size_t discarded;          /* input thrown away while closing */
+	bool refused;              /* not allowed on this socket: every request gets permission_denied, then close */
 };
 TAILQ_HEAD(ctl_client_list, ctl_client);
 
@@ -240,6 +258,10 @@ struct sparkd {
 	struct ctl_client_list clients;
 	int nclients;
 	double refused_logged; /* rate limit for refusal warnings */
+	double capped_logged;  /* rate limit for "too many connections" warnings */
+	long fd_limit;         /* RLIMIT_NOFILE when listening started */
+	int spare_fd;          /* held open so a connection can still be accepted (and answered) at EMFILE */
+	size_t decode_held;    /* sum of the clients' decode_charge */
 
 	struct logcap lc;
 	struct sd_systemd sys;
@@ -278,6 +300,7 @@ void celery_pack_node(struct sparkd *sd, struct sd_worker *w, msgpack_packer *pk
 /* lifecycle.c */
 void sd_startup_fail(struct sparkd *sd, const char *fmt, ...) __attribute__((format(printf, 2, 3), noreturn));
 void sd_ready(struct sparkd *sd);
+void sd_ready_fail(struct sparkd *sd, const char *msg);
 void sd_finish(struct sparkd *sd);
 void sd_pidfile_write(struct sparkd *sd);
 void sd_cleanup(struct sparkd *sd);
@@ -290,7 +313,8 @@ void ctl_free_all(struct sparkd *sd);
 void ctl_broadcast_log(struct sparkd *sd, const struct lc_line *l);
 bool ctl_peer_allowed(uid_t peer_uid, gid_t peer_gid, pid_t peer_pid, uid_t self_uid, gid_t sock_gid);
 bool ctl_may_stop(uid_t peer_uid, uid_t self_uid);
-void ctl_pack_status(struct sparkd *sd, msgpack_packer *pk, bool verbose, bool with_procs);
+const char *ctl_admit_check(uid_t peer_uid, uid_t self_uid, int nclients, int of_uid, int fd, long fd_limit);
+void ctl_pack_status(struct sparkd *sd, msgpack_packer *pk, bool with_procs, bool truncated);
 
 /* spawn.c */
 char *spawn_find_worker(const char *self_exe);
@@ -314,7 +338,7 @@ long sup_worker_processed(struct sd_worker *w);
 int sup_worker_active(struct sd_worker *w);
 int sup_worker_restarts(struct sd_worker *w);
 void sup_exit_classify(int wstatus, const char *recycle_reason, struct sd_exit *ex);
-double sup_backoff_next(double *delay, double ran_s);
+double sup_restart_delay(double *delay, bool was_ready, double ran_s, double startsecs);
 void sup_worker_name(char *buf, size_t len, int index, int nworkers, const char *host);
 void sup_not_ready_reason(struct sparkd *sd, char *buf, size_t len);
 void sup_status_line(struct sparkd *sd, char *buf, size_t len);

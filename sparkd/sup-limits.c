@@ -21,8 +21,6 @@ sup_tick(struct sparkd *sd)
 			long rss = proc_rss_kib(p->pid);
 			if (rss >= 0)
 				p->rss_kib = rss;
-			if (p->w->slots[p->slot].current == p)
-				p->w->slots[p->slot].failing = false;
 			for (int k = 0; k < p->nslots; k++) {
 				struct sd_task *t = &p->tasks[k];
 				if (!t->used || t->hard_limit <= 0 || strcmp(p->reason, "time-limit") == 0)

@@ -42,14 +42,17 @@ sup_exit_classify(int wstatus, const char *recycle_reason, struct sd_exit *ex)
 }
 
 /*
- * The delay before the next restart after a crash, advancing *delay for the one after. A process that ran
- * SD_HEALTHY_AFTER seconds or more starts the sequence again.
+ * The delay before a slot's next process, advancing *delay for the one after. A process that was ready and ran
+ * startsecs is replaced at once, whatever ended it (a kill storm must not cost capacity: Celery replaces a dead
+ * child at once, supervisord's startsecs draws the same line); only consecutive early failures back off.
  */
 double
-sup_backoff_next(double *delay, double ran_s)
+sup_restart_delay(double *delay, bool was_ready, double ran_s, double startsecs)
 {
-	if (ran_s >= SD_HEALTHY_AFTER || *delay < SD_BACKOFF_MIN)
+	if ((was_ready && ran_s >= startsecs) || *delay < SD_BACKOFF_MIN)
 		*delay = SD_BACKOFF_MIN;
+	if (was_ready && ran_s >= startsecs)
+		return 0;
 	double d = *delay;
 	*delay = d * 2 > SD_BACKOFF_MAX ? SD_BACKOFF_MAX : d * 2;
 	return d;

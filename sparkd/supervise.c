@@ -128,9 +128,8 @@ proc_find(struct sparkd *sd, pid_t pid)
 }
 
 static void
-slot_backoff(struct sd_slot *s, double ran_s)
+slot_backoff(struct sd_slot *s, double delay)
 {
-	double delay = sup_backoff_next(&s->backoff_delay, ran_s);
 	s->backoff = true;
 	s->failing = true;
 	s->backoff_until = now_wall() + delay;
@@ -168,7 +167,7 @@ proc_spawn(struct sd_slot *s)
 		log_warn("%s: cannot start %s", w->name, sd->worker_path);
 		s->last_exit = (struct sd_exit){.set = true, .status = -1, .at = now_wall()};
 		snprintf(s->last_exit.reason, sizeof s->last_exit.reason, "not started (%s)", strerror(errno));
-		slot_backoff(s, 0);
+		slot_backoff(s, sup_restart_delay(&s->backoff_delay, false, 0, sd->cfg.startsecs));
 		return;
 	}
 	struct sd_proc *p = xcalloc(1, sizeof *p);
@@ -215,6 +214,9 @@ sup_retire(struct sd_proc *p, const char *reason)
 	s->current = NULL;
 	if (p->w->sd->state == SD_STOPPING || p->w->stopped)
 		return;
+	/* the restart is counted now, so its reason is shown now; the exit status follows when it is reaped */
+	s->last_exit = (struct sd_exit){.set = true, .status = -1, .at = now_wall(), .pid = p->pid};
+	spark_strlcpy(s->last_exit.reason, p->reason, sizeof s->last_exit.reason);
 	s->restarts++;
 	proc_spawn(s);
 }
@@ -251,11 +253,16 @@ proc_exited(struct sd_proc *p, int wstatus)
 		log_warnx("%s: process %d %s", w->name, (int)p->pid, ex.reason);
 
 	w->processed_done += p->processed;
-	s->last_exit = ex;
 	bool was_current = s->current == p;
+	/* a retired process completes the entry its retirement made, never one about its successor */
+	ex.pid = p->pid;
+	if (was_current || s->last_exit.pid == p->pid || !s->last_exit.set)
+		s->last_exit = ex;
 	if (was_current)
 		s->current = NULL;
-	double ran = p->ready_mono > 0 ? now_mono() - p->ready_mono : 0;
+	bool was_ready = p->ready_mono > 0;
+	double ran = now_mono() - p->started_mono;
+	pid_t pid = p->pid;
 	proc_free(p);
 
 	if (sd->state == SD_STOPPING) {
@@ -270,12 +277,16 @@ proc_exited(struct sd_proc *p, int wstatus)
 	}
 	if (!was_current)
 		return;
-	if (recycled) {
-		s->restarts++;
-		proc_spawn(s);
-	} else {
-		slot_backoff(s, ran);
+	double delay = recycled ? 0 : sup_restart_delay(&s->backoff_delay, was_ready, ran, sd->cfg.startsecs);
+	if (delay > 0) {
+		slot_backoff(s, delay);
+		return;
 	}
+	if (!recycled)
+		log_info("%s: process %d ran %.1fs after its start: replacing it now", w->name, (int)pid, ran);
+	s->failing = false;
+	s->restarts++;
+	proc_spawn(s);
 }
 
 /* SIGCHLD: reap everything that has exited. */

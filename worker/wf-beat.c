@@ -40,14 +40,18 @@ wf_stats(struct wf_state *st)
 	                        "\"failed\":%ld,\"retried\":%ld,\"started_at\":%.6f,\"current_tasks\":[",
 	                        st->node_json, SPARK_VERSION, st->nslots, st->processed, st->succeeded, st->failed,
 	                        st->retried, st->started);
-	bool first = true;
+	/* once per batch over every run of the process (a thousand at C1024): copied, not formatted */
 	for (struct wf_job *j = TAILQ_FIRST(&st->jobs); j; j = TAILQ_NEXT(j, entry)) {
 		if (!j->current)
 			continue;
-		len += (size_t)snprintf(s + len, cap - len, "%s\"%s\"", first ? "" : ",", j->row);
-		first = false;
+		if (s[len - 1] != '[')
+			s[len++] = ',';
+		s[len++] = '"';
+		memcpy(s + len, j->row, 36);
+		len += 36;
+		s[len++] = '"';
 	}
-	snprintf(s + len, cap - len, "]}");
+	memcpy(s + len, "]}", 3);
 	return s;
 }
 

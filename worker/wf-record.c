@@ -2,10 +2,12 @@
  * The end of an attempt: its row transition, task_logs line and workers-row update, committed before the
  * outcome goes to the engine.
  *
- * Group commit: attempts that end while a batch is in flight wait in st->recq; the next batch takes them all
- * (up to WF_BATCH_MAX) as one transaction on one connection: BEGIN, per attempt the row UPDATE and the log
- * INSERT, one workers-row update, COMMIT, pipelined in one round trip (synchronous_commit as the server sets it,
- * so one WAL flush serves the whole batch). A batch that fails on a statement (not on the connection) is written
+ * Group commit: attempts that end wait in st->recq; the next batch takes them all (up to WF_BATCH_MAX, and up
+ * to half the pool's connections hold batches at once) as one transaction on one connection: BEGIN, one UPDATE of all
+ * their rows and one INSERT of all their log lines (each reads the batch from a JSON parameter with json_to_recordset:
+ * one statement per attempt cost the server a parse and a plan each, three times the work of the rows), one workers-row
+ * update, COMMIT, pipelined in one round trip (synchronous_commit as the server sets it, so one WAL flush serves the
+ * whole batch). A batch that fails on a statement (not on the connection) is written
  * again attempt by attempt, so one bad row never costs the others their record. A batch whose connection was
  * lost may or may not have committed: each attempt defers (its message comes back and finds the row), as a
  * single lost write did before.
@@ -21,15 +23,27 @@
 
 static void wf_rec_kick(struct wf_state *st);
 
+/* Up to WF_BATCH_MAX queued attempts join the batch. */
+static void
+wf_rec_take(struct wf_batch *b)
+{
+	struct wf_job *j;
+	for (int n = 0; n < WF_BATCH_MAX && (j = TAILQ_FIRST(&b->st->recq)); n++) {
+		TAILQ_REMOVE(&b->st->recq, j, qentry);
+		TAILQ_INSERT_TAIL(&b->jobs, j, qentry);
+	}
+}
+
 void
 wf_record_free(struct wf_job *j)
 {
-	free(j->rec_output);
+	json_decref(j->rec_output);
 	free(j->rec_error);
 	free(j->rec_msg);
 	free(j->out_msg);
 	free(j->row_json);
-	j->rec_output = j->rec_error = j->rec_msg = j->out_msg = j->row_json = NULL;
+	j->rec_output = NULL;
+	j->rec_error = j->rec_msg = j->out_msg = j->row_json = NULL;
 }
 
 /* ---- the database let us down ---- */
@@ -113,7 +127,10 @@ wf_rec_send_job(struct pg_unit *u, struct wf_job *j)
 {
 	char retry[32], id[37];
 	snprintf(retry, sizeof(retry), "%.3f", j->rec_retry_in);
-	const char *p[] = {j->row, j->rec_status, j->rec_output, j->rec_error,
+	char *out = j->rec_output ? json_dumps(j->rec_output, JSON_ENCODE_ANY) : NULL;
+	if (j->rec_output && !out)
+		fatalx("workflow: out of memory");
+	const char *p[] = {j->row, j->rec_status, out, j->rec_error,
 	                   strcmp(j->rec_status, "pending") == 0 ? retry : NULL};
 	pg_send(
 	    u,
@@ -122,10 +139,63 @@ wf_rec_send_job(struct pg_unit *u, struct wf_job *j)
 	    " finished_at = CASE WHEN $2::varchar IN ('completed', 'failed') THEN now() END, updated_at = now()"
 	    " WHERE id = $1 RETURNING " WF_ROW_JSON,
 	    5, p);
+	free(out);
 	store_uuid4(id);
 	const char *lp[] = {id, j->row, j->rec_level, j->rec_msg};
 	pg_send(u, "INSERT INTO task_logs (id, task_id, level, message, created_at) VALUES ($1, $2, $3, $4, now())", 4,
 	        lp);
+}
+
+/* ---- task_logs lines, many in one statement ---- */
+
+/* Text as a JSON string: a message cut at a byte limit (snprintf) may end inside a UTF-8 sequence, which JSON
+ * cannot carry; the longest valid start is kept. */
+static json_t *
+wf_json_text(const char *s)
+{
+	json_t *v = NULL;
+	for (size_t n = strlen(s); !v && n > 0; n--)
+		v = json_stringn(s, n);
+	if (!v)
+		v = json_string(*s ? "(text not valid UTF-8)" : "");
+	if (!v)
+		fatalx("workflow: out of memory");
+	return v;
+}
+
+json_t *
+wf_logs_new(void)
+{
+	json_t *a = json_array();
+	if (!a)
+		fatalx("workflow: out of memory");
+	return a;
+}
+
+void
+wf_logs_add(json_t *logs, const char *task_row, const char *level, const char *msg)
+{
+	char id[37];
+	store_uuid4(id);
+	json_t *o =
+	    json_pack("{s:s, s:s, s:s, s:o}", "lid", id, "tid", task_row, "lvl", level, "msg", wf_json_text(msg));
+	if (!o || json_array_append_new(logs, o) != 0)
+		fatalx("workflow: out of memory");
+}
+
+void
+wf_logs_send(struct pg_unit *u, json_t *logs)
+{
+	char *doc = json_dumps(logs, JSON_COMPACT);
+	if (!doc)
+		fatalx("workflow: out of memory");
+	const char *p[] = {doc};
+	pg_send(u,
+	        "INSERT INTO task_logs (id, task_id, level, message, created_at) SELECT lid, tid, lvl, msg, now()"
+	        " FROM json_to_recordset($1::json) AS v(lid uuid, tid uuid, lvl varchar, msg varchar)",
+	        1, p);
+	free(doc);
+	json_decref(logs);
 }
 
 /* ---- one attempt on its own (after a failed batch) ---- */
@@ -165,17 +235,59 @@ wf_rec_single(struct wf_job *j)
 
 /* ---- the batch ---- */
 
+/* The attempt as an element of the batch's rows (the recordset of the batch UPDATE). */
+static json_t *
+wf_rec_row(const struct wf_job *j)
+{
+	json_t *out = j->rec_output ? json_incref(j->rec_output) : NULL;
+	json_t *err = j->rec_error ? wf_json_text(j->rec_error) : NULL;
+	bool pending = strcmp(j->rec_status, "pending") == 0;
+	json_t *o = json_pack("{s:s, s:s, s:o, s:o, s:o}", "rid", j->row, "rstatus", j->rec_status, "routput",
+	                      out ? out : json_null(), "rerror", err ? err : json_null(), "rretry",
+	                      pending ? json_real(j->rec_retry_in) : json_null());
+	if (!o)
+		fatalx("workflow: out of memory");
+	return o;
+}
+
 static void
 wf_rec_batch_send(struct pg_unit *u)
 {
-	struct wf_state *st = u->arg;
-	pg_send(u, "BEGIN", 0, NULL);
-	struct wf_job *j;
-	for (int n = 0; n < WF_BATCH_MAX && (j = TAILQ_FIRST(&st->recq)); n++) {
-		TAILQ_REMOVE(&st->recq, j, qentry);
-		TAILQ_INSERT_TAIL(&st->rec_batch, j, qentry);
-		wf_rec_send_job(u, j);
+	struct wf_batch *b = u->arg;
+	struct wf_state *st = b->st;
+	wf_batch_attached(b);
+	wf_rec_take(b);
+	if (TAILQ_EMPTY(&b->jobs)) {
+		/* another batch took them */
+		pg_end(u);
+		wf_batch_free(b);
+		return;
 	}
+	wf_rec_kick(st); /* more were queued than one batch takes */
+	json_t *rows = json_array(), *logs = wf_logs_new();
+	if (!rows)
+		fatalx("workflow: out of memory");
+	for (struct wf_job *j = TAILQ_FIRST(&b->jobs); j; j = TAILQ_NEXT(j, qentry)) {
+		if (json_array_append_new(rows, wf_rec_row(j)) != 0)
+			fatalx("workflow: out of memory");
+		wf_logs_add(logs, j->row, j->rec_level, j->rec_msg);
+	}
+	char *doc = json_dumps(rows, JSON_COMPACT);
+	json_decref(rows);
+	if (!doc)
+		fatalx("workflow: out of memory");
+	const char *p[] = {doc};
+	pg_send(u, "BEGIN", 0, NULL);
+	/* the recordset's names are its own, so the row's columns in WF_ROW_JSON stay unambiguous */
+	pg_send(u,
+	        "UPDATE tasks SET status = v.rstatus, output_data = COALESCE(v.routput, output_data), error = v.rerror,"
+	        " next_retry_at = now() + make_interval(secs => v.rretry),"
+	        " finished_at = CASE WHEN v.rstatus IN ('completed', 'failed') THEN now() END, updated_at = now()"
+	        " FROM json_to_recordset($1::json) AS v(rid uuid, rstatus varchar, routput json, rerror varchar,"
+	        " rretry float8) WHERE id = v.rid RETURNING id::text, " WF_ROW_JSON,
+	        1, p);
+	free(doc);
+	wf_logs_send(u, logs);
 	wf_send_worker_upsert(st, u, true, NULL);
 	pg_send(u, "COMMIT", 0, NULL);
 	pg_sync(u);
@@ -184,24 +296,25 @@ wf_rec_batch_send(struct pg_unit *u)
 static void
 wf_rec_batch_done(struct pg_unit *u)
 {
-	struct wf_state *st = u->arg;
+	struct wf_batch *b = u->arg;
+	struct wf_state *st = b->st;
 	struct wf_jobq batch = TAILQ_HEAD_INITIALIZER(batch);
 	struct wf_job *j;
-	bool attached = !TAILQ_EMPTY(&st->rec_batch);
-	if (!attached) {
-		/* no connection came: the database is unreachable for every attempt waiting */
-		for (int n = 0; n < WF_BATCH_MAX && (j = TAILQ_FIRST(&st->recq)); n++) {
-			TAILQ_REMOVE(&st->recq, j, qentry);
-			TAILQ_INSERT_TAIL(&batch, j, qentry);
-		}
-	}
-	while ((j = TAILQ_FIRST(&st->rec_batch))) {
-		TAILQ_REMOVE(&st->rec_batch, j, qentry);
+	bool attached = !b->waiting;
+	if (!attached)
+		wf_rec_take(b); /* no connection came: the database is unreachable for every attempt waiting */
+	while ((j = TAILQ_FIRST(&b->jobs))) {
+		TAILQ_REMOVE(&b->jobs, j, qentry);
 		TAILQ_INSERT_TAIL(&batch, j, qentry);
 	}
-	int k = 0;
+	int k = 0, n = u->ok ? pg_ntuples(u, 1) : 0; /* BEGIN, then the UPDATE: (id, row) per row updated */
 	for (j = TAILQ_FIRST(&batch); j; j = TAILQ_NEXT(j, qentry)) {
-		const char *v = u->ok ? pg_value(u, 1 + 2 * k, 0, 0) : NULL; /* BEGIN, then UPDATE + INSERT each */
+		const char *v = NULL;
+		for (int r = 0; r < n && !v; r++) {
+			const char *id = pg_value(u, 1, r, 0);
+			if (id && strcmp(id, j->row) == 0)
+				v = pg_value(u, 1, r, 1);
+		}
 		j->row_json = v ? xstrdup(v) : NULL;
 		k++;
 	}
@@ -209,7 +322,7 @@ wf_rec_batch_done(struct pg_unit *u)
 	char err[sizeof(u->err)];
 	spark_strlcpy(err, u->err, sizeof(err));
 	pg_end(u);
-	st->rec_busy = false;
+	wf_batch_free(b);
 	if (!ok && !conn_lost)
 		log_warnx("database: group commit of %d rows failed (%s): writing them one by one", k, err);
 	while ((j = TAILQ_FIRST(&batch))) {
@@ -226,19 +339,23 @@ wf_rec_batch_done(struct pg_unit *u)
 	wf_rec_kick(st);
 }
 
+/* Half the pool's connections may hold group commits at once (the claims have the other half): the rows of
+ * a thousand calls ending together are written on two connections, not queued behind one. */
 static void
 wf_rec_kick(struct wf_state *st)
 {
-	if (st->rec_busy || TAILQ_EMPTY(&st->recq))
+	if (st->recs.waiting || TAILQ_EMPTY(&st->recq) || st->recs.n >= (st->pool.size > 1 ? st->pool.size / 2 : 1))
 		return;
-	st->rec_busy = true;
-	pgpool_run(&st->pool, &st->rec_unit, wf_rec_batch_send, wf_rec_batch_done, st, 0);
+	struct wf_batch *b = xcalloc(1, sizeof(*b));
+	wf_batch_add(st, &st->recs, b, true);
+	/* not sent again on a fresh connection: it holds a COMMIT */
+	pgpool_run(&st->pool, &b->unit, wf_rec_batch_send, wf_rec_batch_done, b, 0);
 }
 
 /* ---- the ends of an attempt ---- */
 
 static void
-wf_rec_queue(struct wf_job *j, enum wf_end end, const char *status, char *output, const char *error, double retry_in,
+wf_rec_queue(struct wf_job *j, enum wf_end end, const char *status, json_t *output, const char *error, double retry_in,
              const char *level, char *msg, const char *what)
 {
 	j->end = end;
@@ -287,14 +404,11 @@ wf_finish_ok(struct wf_job *j, json_t *output)
 	/* stored as automagik-spark does: a JSON string holding json.dumps(output) (or the text itself) */
 	char *text = json_is_string(output) ? xstrdup(json_string_value(output)) : json_dumps(output, JSON_ENCODE_ANY);
 	json_t *s = text ? json_string(text) : NULL;
-	char *out_json = s ? json_dumps(s, JSON_ENCODE_ANY) : NULL;
-	json_decref(s);
 	free(text);
-	if (!out_json)
+	if (!s)
 		fatalx("workflow: out of memory");
 	j->st->succeeded++;
-	wf_rec_queue(j, WF_END_OK, "completed", out_json, NULL, 0, "info", xstrdup("Task completed"),
-	             "recording the result");
+	wf_rec_queue(j, WF_END_OK, "completed", s, NULL, 0, "info", xstrdup("Task completed"), "recording the result");
 }
 
 void

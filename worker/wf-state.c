@@ -50,8 +50,10 @@ wf_create(const struct spark_config *cfg, const char *node, int slots, struct ev
 	st->base = base;
 	TAILQ_INIT(&st->jobs);
 	TAILQ_INIT(&st->schema_wait);
+	TAILQ_INIT(&st->claimq);
+	TAILQ_INIT(&st->claims.q);
 	TAILQ_INIT(&st->recq);
-	TAILQ_INIT(&st->rec_batch);
+	TAILQ_INIT(&st->recs.q);
 	st->nslots = slots > 0 ? slots : 1;
 	if (!cfg || !cfg->database_url || !*cfg->database_url) {
 		log_debug("workflow: DATABASE_URL is not set; workflow tasks will fail");
@@ -103,12 +105,51 @@ wf_destroy(struct wf_state *st)
 		j->run->task = NULL;
 		wf_job_free(j);
 	}
+	wf_batches_free(&st->claims);
 	wf_beat_free(st);
-	pg_unit_release(&st->rec_unit);
+	wf_batches_free(&st->recs);
 	OPENSSL_cleanse(st->key, sizeof(st->key));
 	free(st->node);
 	free(st->node_json);
 	free(st);
+}
+
+void
+wf_batch_add(struct wf_state *st, struct wf_batches *set, struct wf_batch *b, bool waiting)
+{
+	b->st = st;
+	b->set = set;
+	TAILQ_INIT(&b->jobs);
+	b->waiting = waiting;
+	set->waiting = set->waiting || waiting;
+	TAILQ_INSERT_TAIL(&set->q, b, entry);
+	set->n++;
+}
+
+void
+wf_batch_attached(struct wf_batch *b)
+{
+	if (b->waiting)
+		b->set->waiting = false;
+	b->waiting = false;
+}
+
+void
+wf_batch_free(struct wf_batch *b)
+{
+	wf_batch_attached(b);
+	TAILQ_REMOVE(&b->set->q, b, entry);
+	b->set->n--;
+	pg_unit_release(&b->unit);
+	free(b);
+}
+
+void
+wf_batches_free(struct wf_batches *set)
+{
+	struct wf_batch *b;
+	while ((b = TAILQ_FIRST(&set->q)))
+		wf_batch_free(b);
 }
 
 int

@@ -2,7 +2,8 @@
  * The workflow plugin's insides (spark-workflow.so), all on the process's event loop:
  *
  *   wf-state.c    create, destroy, migrate (blocking, one-shot), the Fernet key
- *   workflow.c    one run: claim the row, load the workflow and its source, call it (source.c over http.c)
+ *   workflow.c    one run: its entry points and the source call (source.c over http.c)
+ *   wf-claim.c    the start of runs, grouped: claim their rows, load their workflows and sources
  *   wf-record.c   the end of an attempt: outcome, group-committed row writes, the database-error paths
  *   wf-beat.c     the schema check, the workers row (heartbeat, final write), recovery of dead workers' rows
  *
@@ -27,6 +28,7 @@
 #define WF_ERR_WORKER_LOST   "worker lost"
 #define WF_DEFAULT_INPUT     "Hello World"
 #define WF_BATCH_MAX         256 /* attempts recorded by one group commit */
+#define WF_CLAIM_MAX         256 /* runs claimed by one transaction */
 
 /* The task row as execute_workflow returns it (automagik-spark's Task.to_dict, same key order). */
 #define WF_ROW_JSON                                                                                                    \
@@ -38,18 +40,43 @@
 struct wf_job;
 TAILQ_HEAD(wf_jobq, wf_job);
 
-/* Where a run is (workflow.c, wf-record.c). */
+/* A group of runs on one pool unit: a claim (wf-claim.c) or a group commit (wf-record.c); the first member of
+ * what holds it. */
+struct wf_batch {
+	struct wf_state *st;
+	struct wf_batches *set;
+	TAILQ_ENTRY(wf_batch) entry;
+	struct pg_unit unit;
+	struct wf_jobq jobs; /* linked by qentry, in arrival order */
+	int njobs;
+	bool waiting; /* for a connection: takes what is queued when it gets one */
+};
+TAILQ_HEAD(wf_batchq, wf_batch);
+
+/* The batches of one kind, waiting for a connection (at most one) or in flight. */
+struct wf_batches {
+	struct wf_batchq q;
+	int n;
+	bool waiting;
+};
+
+/* Where a run is (workflow.c, wf-claim.c, wf-record.c). */
 enum wf_phase {
 	WF_WAIT_SCHEMA = 0,
-	WF_CLAIM_ROW,      /* BEGIN; the row FOR UPDATE */
-	WF_CLAIM_FINAL,    /* a final row answered again; COMMIT */
-	WF_CLAIM_RESTART,  /* the existing row running again; COMMIT */
-	WF_CLAIM_SCHEDULE, /* no row yet: the schedule FOR UPDATE */
-	WF_CLAIM_NOTHING,  /* missing or completed schedule: COMMIT, null result */
-	WF_CLAIM_INSERT,   /* the new row running; COMMIT */
-	WF_LOAD,           /* the workflow and its source */
-	WF_CALL,           /* the source call */
-	WF_RECORD,         /* the end of the attempt (wf-record.c) */
+	WF_CLAIM,  /* queued for, or in, a claim transaction with its workflow and source (wf-claim.c) */
+	WF_CALL,   /* the source call */
+	WF_RECORD, /* the end of the attempt (wf-record.c) */
+};
+
+/* What the claim decided for a run (wf-claim.c). */
+enum wf_claim_act {
+	WF_ACT_ROW = 0,  /* its row is being read */
+	WF_ACT_SCHEDULE, /* no row: its schedule is being read */
+	WF_ACT_FINAL,    /* a final row: answered again */
+	WF_ACT_REFUSED,  /* not run (claim_text says why) */
+	WF_ACT_NOTHING,  /* missing or completed schedule: a null result */
+	WF_ACT_RESTART,  /* the existing row runs again */
+	WF_ACT_INSERT,   /* a new row runs */
 };
 
 /* How an attempt ends once its row write is committed (wf-record.c). */
@@ -64,7 +91,7 @@ struct wf_job {
 	struct wf_state *st;
 	struct task_run *run;
 	TAILQ_ENTRY(wf_job) entry;  /* st->jobs */
-	TAILQ_ENTRY(wf_job) qentry; /* st->schema_wait, st->recq or st->rec_batch */
+	TAILQ_ENTRY(wf_job) qentry; /* st->schema_wait, st->claimq, a claim, st->recq or a record */
 	enum wf_phase phase;
 	bool manual; /* spark.run_task: the row exists already */
 	char schedule_id[37];
@@ -79,6 +106,14 @@ struct wf_job {
 	bool claimed;   /* the row is ours and running */
 	struct pg_unit unit;
 
+	/* the claim (wf-claim.c) */
+	enum wf_claim_act act;
+	bool one_time;          /* it completes its one-time schedule */
+	const char *why;        /* a restart's reason in its log line, or NULL */
+	const char *claim_what; /* what the failed claim was doing */
+	char *claim_text;       /* FINAL: the row as JSON; REFUSED: why */
+	int stmt_at, nstmt;     /* its own statements in the claim's write step */
+
 	/* the source call */
 	char *remote, *type, *url, *token;
 	char *api_key;
@@ -89,7 +124,7 @@ struct wf_job {
 	/* the row write of the attempt's end */
 	enum wf_end end;
 	const char *rec_status; /* completed, failed, pending */
-	char *rec_output;       /* output_data as JSON, or NULL */
+	json_t *rec_output;     /* output_data (a JSON string), or NULL */
 	char *rec_error;        /* error column, or NULL */
 	double rec_retry_in;
 	const char *rec_level;
@@ -141,11 +176,13 @@ struct wf_state {
 	bool hb_busy;
 	bool hb_warned; /* one warning per outage, not one per beat */
 
+	/* wf-claim.c: grouped claims */
+	struct wf_jobq claimq; /* runs waiting for a claim */
+	struct wf_batches claims;
+
 	/* wf-record.c: group commit */
-	struct wf_jobq recq;      /* attempts waiting for the next batch */
-	struct wf_jobq rec_batch; /* the batch in flight */
-	struct pg_unit rec_unit;
-	bool rec_busy;
+	struct wf_jobq recq; /* attempts waiting for the next batch */
+	struct wf_batches recs;
 
 	/* wf-beat.c: shutdown */
 	bool stopping;
@@ -162,15 +199,32 @@ struct wf_state {
 struct wf_state *wf_create(const struct spark_config *cfg, const char *node, int slots, struct event_base *base);
 void wf_destroy(struct wf_state *st);
 int wf_migrate(const struct spark_config *cfg);
+/* b (zeroed, the first member of an allocation) joins set; its end takes it out and frees the allocation */
+void wf_batch_add(struct wf_state *st, struct wf_batches *set, struct wf_batch *b, bool waiting);
+void wf_batch_attached(struct wf_batch *b); /* it has its connection: no longer the one waiting */
+void wf_batch_free(struct wf_batch *b);
+void wf_batches_free(struct wf_batches *set);
 
 /* workflow.c */
 void wf_execute_workflow(struct wf_state *st, struct task_run *run);
 void wf_run_task(struct wf_state *st, struct task_run *run);
 void wf_fail(struct task_run *run, enum task_outcome outcome, const char *module, const char *type, const char *fmt,
              ...) __attribute__((format(printf, 5, 6)));
+void wf_call_start(struct wf_job *j); /* after the claim: decrypt the key, call the source */
+void wf_job_end(struct wf_job *j);    /* run->done, and the job is freed */
+void wf_job_free(struct wf_job *j);   /* what the job holds, and the job (not its run) */
+
+/* wf-claim.c */
 void wf_claim_start(struct wf_job *j); /* after the schema check */
-void wf_job_end(struct wf_job *j);     /* run->done, and the job is freed */
-void wf_job_free(struct wf_job *j);    /* what the job holds, and the job (not its run) */
+
+/* wf-claim-row.c: a run's decision in its claim (j->act and what goes with it) */
+/* from its row: tuple r of the rows read (id, status, error, workflow_id, input_data, tries, the row as JSON) */
+void wf_claim_existing(struct wf_job *j, const struct pg_unit *u, int r);
+/* from its schedule: tuple r of statement 0 (id, workflow_id, schedule_type, status, params, input_data), -1:
+ * none; j is in its claim's list, after the runs decided before it */
+void wf_claim_schedule(struct wf_job *j, const struct pg_unit *u, int r);
+void wf_claim_refuse(struct wf_job *j, char *msg); /* not run: msg (taken) says why */
+void wf_claim_answer(struct wf_job *j);            /* the result of a run not started; ends it */
 
 /* wf-record.c */
 /* End the attempt with a row write (fields rec_* and out_* set by the finish helpers). */
@@ -183,6 +237,10 @@ void wf_finish_cancelled(struct wf_job *j);
  * marked failed when it is ours). Ends the job. */
 void wf_db_error(struct wf_job *j, const char *what, bool lost);
 void wf_record_free(struct wf_job *j);
+/* task_logs lines gathered in a JSON array, then sent as one statement of u's step (logs is consumed). */
+json_t *wf_logs_new(void);
+void wf_logs_add(json_t *logs, const char *task_row, const char *level, const char *msg);
+void wf_logs_send(struct pg_unit *u, json_t *logs);
 
 /* wf-beat.c */
 void wf_schema_need(struct wf_job *j); /* claim once the schema is known to be there */

@@ -106,22 +106,14 @@ def spark(request, tmp_path):
         pytest.fail("sanitizer reports:\n" + "\n".join(reports), pytrace=False)
 
 
-def _drop_kombu_pools():
-    """Close every broker connection kombu pooled in this process.
-
-    kombu keeps one process-wide pool per broker URL (kombu.pools.connections/producers), shared by every Celery
-    app, and app.close() leaves it alone: a later test on the same URL would reuse a connection to a server
-    that has since been restarted (test_status_names_a_node_whose_broker_is_down) or a port that a later
-    module's redis-server happens to get again, and its first BRPOP for a reply reads EOF ("Connection closed
-    by server")."""
-    from kombu import pools
-    pools.reset()
-
-
 @pytest.fixture
 def celery(request):
     apps = []
-    _drop_kombu_pools()
+    # Celery's apps share kombu's process-wide connection pools (kombu.pools, keyed by broker URL): a connection
+    # pooled by an earlier test outlives a redis-server restart on the same port and fails the next app's first
+    # drain ("Connection closed by server"). Every test starts and ends with empty pools.
+    from kombu import pools
+    pools.reset()
 
     def make(broker_url=None, backend_url=None):
         srv = request.getfixturevalue("redis")
@@ -142,7 +134,7 @@ def celery(request):
             app.close()
         except Exception:
             pass
-    _drop_kombu_pools()
+    pools.reset()
 
 
 @pytest.fixture(scope="session")

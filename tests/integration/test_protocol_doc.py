@@ -12,8 +12,8 @@ EXAMPLE = REPO / "docs" / "examples" / "spark_status.py"
 
 
 def proto_names(prefix):
-    """The wire names #defined in proto/proto.h under PROTO_<prefix>_*."""
-    text = (REPO / "proto" / "proto.h").read_text()
+    """The wire names #defined in proto/proto.h and proto/fields.h under PROTO_<prefix>_*."""
+    text = (REPO / "proto" / "proto.h").read_text() + (REPO / "proto" / "fields.h").read_text()
     return dict(re.findall(rf'#define\s+(PROTO_{prefix}_\w+)\s+"([^"]+)"', text))
 
 
@@ -89,11 +89,14 @@ def test_doc_names_every_method_notification_and_error_code():
 
 
 def test_doc_names_every_field_sparkd_sends_and_reads():
-    """Every key sparkd packs into a result or notification, and every parameter it reads, appears in the doc."""
+    """Every key sparkd packs into a result or notification, and every parameter it reads, appears in the doc; the
+    names come from proto/ alone (sparkd spells none of them itself)."""
     doc = DOC.read_text()
     src = "\n".join(p.read_text() for p in sorted((REPO / "sparkd").glob("*.c")))
-    sent = set(re.findall(r'proto_pack_(?:kv_\w+|key)\(\s*&?pk\s*,\s*"(\w+)"', src))
-    read = set(re.findall(r'proto_get_\w+\(\s*req->params\s*,\s*"(\w+)"', src))
+    spelled = set(re.findall(r'proto_(?:pack_(?:kv_\w+|key)|get_\w+|map_get)\(\s*&?\w+(?:->\w+)?\s*,\s*"(\w+)"', src))
+    assert not spelled, f"sparkd spells wire names that belong in proto/fields.h or proto.h: {sorted(spelled)}"
+    sent = set(proto_names("F").values())
+    read = set(proto_names("P").values())
     assert len(sent) > 20 and {"verbose", "lines", "follow", "force"} <= read, (sent, read)
     missing = sorted(k for k in sent | read if f"`{k}`" not in doc)
     assert not missing, f"docs/protocol.md does not mention these fields/parameters: {missing}"

@@ -54,16 +54,20 @@ test_backoff(void **state)
 	(void)state;
 	double delay = SD_BACKOFF_MIN;
 	double want[] = {0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8, 25.6, 30, 30, 30};
+	/* consecutive early failures: not ready, or ready for less than startsecs */
 	for (size_t i = 0; i < sizeof want / sizeof want[0]; i++)
-		assert_float_equal(sup_backoff_next(&delay, 1), want[i], 1e-9);
-	/* 60 s of health starts again at 100 ms */
-	assert_float_equal(sup_backoff_next(&delay, SD_HEALTHY_AFTER), 0.1, 1e-9);
-	assert_float_equal(sup_backoff_next(&delay, 59.9), 0.2, 1e-9);
+		assert_float_equal(sup_restart_delay(&delay, i % 2 == 0, 4.9, 5), want[i], 1e-9);
+	/* ready and up for startsecs: replaced at once, and the next early failure starts again at 100 ms */
+	assert_float_equal(sup_restart_delay(&delay, true, 5, 5), 0, 1e-9);
+	assert_float_equal(sup_restart_delay(&delay, false, 0, 5), 0.1, 1e-9);
+	assert_float_equal(sup_restart_delay(&delay, true, 1, 5), 0.2, 1e-9);
+	/* however long it ran, a process that never became ready is an early failure */
+	assert_float_equal(sup_restart_delay(&delay, false, 3600, 5), 0.4, 1e-9);
 	/* never below the minimum, never a permanent failure */
 	delay = 0;
-	assert_float_equal(sup_backoff_next(&delay, 0), 0.1, 1e-9);
+	assert_float_equal(sup_restart_delay(&delay, false, 0, 5), 0.1, 1e-9);
 	for (int i = 0; i < 1000; i++)
-		assert_true(sup_backoff_next(&delay, 0) <= SD_BACKOFF_MAX);
+		assert_true(sup_restart_delay(&delay, false, 0, 5) <= SD_BACKOFF_MAX);
 }
 
 static void
