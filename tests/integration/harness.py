@@ -212,10 +212,7 @@ class RedisServer:
                 raise RuntimeError(f"redis-server failed: {r.stderr or r.stdout}")
             try:
                 wait_for(self._ping, timeout, what=f"redis on port {self.port}")
-                self.pid = int(self.pidfile.read_text().strip())
-                self.pid_started = pid_start_time(self.pid)
-                self.started = True
-                return self
+                return self._note_started()
             except AssertionError:
                 log = (self.dir / "redis.log").read_text(errors="replace") if (self.dir / "redis.log").exists() else ""
                 if "Address already in use" in log:
@@ -226,6 +223,12 @@ class RedisServer:
                 raise
         raise RuntimeError("redis-server could not bind a port")
 
+    def _note_started(self):
+        self.pid = int(self.pidfile.read_text().strip())
+        self.pid_started = pid_start_time(self.pid)
+        self.started = True
+        return self
+
     def _ping(self):
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
@@ -235,11 +238,13 @@ class RedisServer:
             return False
 
     def running(self):
-        return self.pid is not None and pid_start_time(self.pid) == self.pid_started and pid_alive(self.pid)
+        if self.pid is None or (self.pid_started is not None and pid_start_time(self.pid) != self.pid_started):
+            return False
+        return pid_alive(self.pid)
 
     def stop(self, timeout=10):
         pid = self.pid
-        if pid is not None and pid_start_time(pid) != self.pid_started:
+        if pid is not None and self.pid_started is not None and pid_start_time(pid) != self.pid_started:
             pid = None  # it died already and the pid is another process's now
         elif pid is None and self.pidfile.exists():
             try:
