@@ -59,7 +59,7 @@ pic = $(patsubst %.c,$(BUILD)/pic/%.o,$(1))
 
 BINS = $(BUILD)/bin/sparkd $(BUILD)/bin/spark-worker $(BUILD)/bin/sparkctl $(BUILD)/bin/spark-workflow.so
 
-.PHONY: fuzz all test test-unit test-integration run deps install uninstall clean format lint bench check-format
+.PHONY: fuzz fuzz-build chaos all test test-unit test-integration run deps install uninstall clean format lint bench check-format
 
 all: $(BINS)
 
@@ -173,19 +173,56 @@ uninstall:
 clean:
 	rm -rf build build-san
 
-FORMAT_SRC = $(wildcard common/*.[ch] proto/*.[ch] sparkd/*.[ch] worker/*.[ch] sparkctl/*.[ch] tests/unit/*.c tests/driver/*.c)
+FORMAT_SRC = $(wildcard common/*.[ch] proto/*.[ch] sparkd/*.[ch] worker/*.[ch] sparkctl/*.[ch] tests/unit/*.c tests/driver/*.c tests/fuzz/*.c)
 format:
 	clang-format -i $(FORMAT_SRC)
 check-format:
 	clang-format --dry-run -Werror $(FORMAT_SRC)
+# cppcheck reads no system headers: it is given <sys/queue.h> (wherever this system keeps it), whose TAILQ_FOREACH
+# it otherwise cannot parse, and so reported the loop variables as uninitialised
+QUEUE_H = $(shell $(CC) -M -E -x c /dev/null -include sys/queue.h 2>/dev/null | tr ' \\' '\n\n' | grep 'sys/queue\.h$$' | head -n 1)
 lint:
 	cppcheck --quiet --error-exitcode=1 --enable=warning,portability --inline-suppr \
-	    --suppress=missingIncludeSystem -D__GNUC__ -Icommon -Iproto $(FORMAT_SRC)
+	    --suppress=missingIncludeSystem -D__GNUC__ -Icommon -Iproto $(if $(QUEUE_H),--include=$(QUEUE_H)) $(FORMAT_SRC)
 
-# libFuzzer run of the control-protocol reader (needs clang and libclang-rt-14-dev): make fuzz FUZZ_SECONDS=60
+# ---- fuzzing (libFuzzer: clang and libclang-rt-14-dev, which make deps installs) ----
+#   make fuzz                    every target for FUZZ_SECONDS each (seed corpus: tests/fuzz/<target>/)
+#   make fuzz FUZZ_SECONDS=15 FUZZ_TARGETS="report url"
+# Each target is linked with the parser's own files only; the working corpus and any crash input stay in
+# build/fuzz/ (tests/fuzz/run.sh prints executions per target and fails on a finding).
 FUZZ_SECONDS ?= 60
-fuzz:
-	@mkdir -p build/fuzz-corpus
-	clang -g -O1 -fsanitize=fuzzer,address,undefined -D_GNU_SOURCE -Icommon -Iproto \
-	    tests/fuzz/fuzz_proto.c proto/proto.c $(call PC,msgpack) $(call PL,msgpack) -o build/fuzz_proto
-	build/fuzz_proto -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 build/fuzz-corpus
+FUZZ_CC ?= clang
+FUZZ_DIR = build/fuzz
+FUZZ_TARGETS ?= proto message envfile url fernet report command source
+FUZZ_PKGS = msgpack jansson hiredis libevent libcurl libcrypto
+FUZZ_CFLAGS = -std=c11 -g -O1 -fno-omit-frame-pointer -fsanitize=address,undefined -D_GNU_SOURCE -Icommon -Iproto \
+    -Iworker $(call PC,$(FUZZ_PKGS))
+FUZZ_SRC_proto = proto/proto.c
+FUZZ_SRC_message = worker/message.c worker/message-codec.c worker/jscan.c common/codec.c common/util.c common/log.c
+FUZZ_SRC_envfile = common/config.c common/rundir.c common/url.c common/util.c common/log.c
+FUZZ_SRC_url = common/url.c common/util.c common/log.c
+FUZZ_SRC_fernet = worker/fernet.c common/util.c common/log.c
+FUZZ_SRC_report = common/report.c common/wireline.c common/util.c common/log.c
+FUZZ_SRC_command = common/command.c common/wireline.c common/util.c common/log.c
+FUZZ_SRC_source = worker/source-shape.c common/util.c common/log.c
+$(FUZZ_DIR)/obj/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link -MMD -MP -c $< -o $@
+define FUZZ_RULE
+$(FUZZ_DIR)/fuzz_$(1): $(FUZZ_DIR)/obj/tests/fuzz/fuzz_$(1).o $(patsubst %.c,$(FUZZ_DIR)/obj/%.o,$(FUZZ_SRC_$(1)))
+	$(FUZZ_CC) -fsanitize=fuzzer,address,undefined -o $$@ $$^ $(call PL,$(FUZZ_PKGS)) -lm
+endef
+$(foreach t,$(FUZZ_TARGETS),$(eval $(call FUZZ_RULE,$(t))))
+-include $(shell find $(FUZZ_DIR)/obj -name '*.d' 2>/dev/null)
+fuzz-build: $(patsubst %,$(FUZZ_DIR)/fuzz_%,$(FUZZ_TARGETS))
+fuzz: deps
+	$(MAKE) fuzz-build
+	@sh tests/fuzz/run.sh $(FUZZ_DIR) $(FUZZ_SECONDS) $(FUZZ_TARGETS)
+
+# ---- chaos: kill -9 of workers and of sparkd, Redis and PostgreSQL restarts under a Celery producer ----
+#   make chaos                   CHAOS_SECONDS (default 60) of faults, then the drain and the verdict
+#   make chaos CHAOS_SECONDS=600 CHAOS_ARGS="--seed 42 --keep"
+CHAOS_SECONDS ?= 60
+chaos: deps all
+	SPARK_SAN=$(SAN) $(PYTHON) tests/chaos/chaos.py --bin-dir $(abspath $(BUILD)/bin) --seconds $(CHAOS_SECONDS) \
+	    $(CHAOS_ARGS)

@@ -4,6 +4,7 @@
     bench/bench.py BIN_DIR                 # the full run: medians of 5 (about half an hour on 2 vCPUs)
     bench/bench.py BIN_DIR --quick         # 1 run of each with small task counts (under 3 minutes)
     bench/bench.py BIN_DIR --only drain,latency,workflow --runs 3 --drain-tasks 20000 --workflow-tasks 4000
+    bench/bench.py BIN_DIR --only events --base-rev main   # task events off/on, this build against main's
 
 One private Redis serves every benchmark (flushed between configurations); the workflow benchmark adds a private
 PostgreSQL and the LangFlow fixture. A configuration that is refused, stalls or passes its deadline is reported in
@@ -18,6 +19,7 @@ import tempfile
 import time
 
 import drain
+import events
 import latency
 import targets
 import workflow
@@ -48,6 +50,8 @@ def main():
     ap.add_argument("--workflow-tasks-slow", type=int, help="tasks per run at the 2 s fixture (C1024)")
     ap.add_argument("--schedules", type=int, default=workflow.SCHEDULES,
                     help="schedules the workflow tasks go round-robin over (1: every task on one schedule row)")
+    ap.add_argument("--base-rev", help="events: also build this commit and measure it beside BIN_DIR's build")
+    ap.add_argument("--base-bin", help="events: the bin dir of a build to measure beside BIN_DIR's")
     ap.add_argument("--out", default=os.path.join(HERE, "results.md"))
     a = ap.parse_args()
     p = dict(QUICK if a.quick else FULL)
@@ -69,13 +73,15 @@ def main():
     log = lambda s: print(s, flush=True)
     runs = {
         "drain": lambda: drain.run(bindir, tmp, r, p["drain_tasks"], p["runs"], log),
+        "events": lambda: events.run(events.builds_from(bindir, a.base_bin, a.base_rev, tmp, log), tmp, r,
+                                     p["drain_tasks"], p["runs"], log),
         "latency": lambda: latency.run(bindir, tmp, r, p["latency_count"], p["runs"], log=log),
         "workflow": lambda: workflow.run(bindir, tmp, r, p["workflow_tasks"], p["workflow_tasks_slow"], p["runs"],
                                          schedules=a.schedules, log=log),
     }
     got = {}
     try:
-        for name in ("drain", "latency", "workflow"):
+        for name in ("drain", "events", "latency", "workflow"):
             if name not in only:
                 continue
             try:
@@ -88,7 +94,8 @@ def main():
         r.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     dres, wres = got.get("drain"), got.get("workflow")
-    sections.append(targets.check(dres, wres, a.quick))
+    if dres is not None or wres is not None:
+        sections.append(targets.check(dres, wres, a.quick))
     body = head + [l for s in sections for l in s + [""]]
     body.append(f"Total time {time.monotonic() - t_start:.0f} s.")
     print("\n" + "\n".join(body[len(head):]))

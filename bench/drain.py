@@ -22,7 +22,8 @@ import tempfile
 import time
 import uuid
 
-from common import BenchError, RedisServer, commands_delta, cpu_total, fmt, noop_envelope, rss_kib, summary, table
+from common import CLK_TCK, BenchError, RedisServer, commands_delta, cpu_total, fmt, noop_envelope, rss_kib, summary, \
+    table
 from systems import Ours, PyCelery
 
 STAGING = "bench:staging"
@@ -51,6 +52,21 @@ def stage(r, n):
     return ids
 
 
+def cpu_split(pids):
+    """(utime, stime) in seconds summed over the processes: where a task's CPU goes, the engine or the kernel."""
+    user = system = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        fields = data[data.rfind(b")") + 2:].split()
+        user += int(fields[11]) / CLK_TCK
+        system += int(fields[12]) / CLK_TCK
+    return user, system
+
+
 def make_system(cfg, bindir, tmp, r):
     label, kind, pool, workers, conc = cfg
     if kind == "ours":
@@ -64,7 +80,7 @@ def drain_once(system, r, n, ids, timeout):
     pids = system.pids()
     idle = [x for x in (rss_kib(p) for p in pids) if x is not None]
     sup = system.supervisor_pids()
-    cpu0, sup0 = cpu_total(pids), cpu_total(sup)
+    cpu0, sup0, split0 = cpu_total(pids), cpu_total(sup), cpu_split(pids)
     own = {"info": 1, "rename": 1, "dbsize": 0, "mget": 0}
     cmd0 = r.command_calls()
     tail = [f"celery-task-meta-{t}" for t in ids[-TAIL:]]
@@ -85,10 +101,11 @@ def drain_once(system, r, n, ids, timeout):
         time.sleep(0.005)
     secs = time.monotonic() - t0
     cmds = commands_delta(cmd0, r.command_calls(), own)
-    cpu1, sup1 = cpu_total(pids), cpu_total(sup)
+    cpu1, sup1, split1 = cpu_total(pids), cpu_total(sup), cpu_split(pids)
     out = {"secs": secs, "idle_rss": idle, "error": error}
     if error is None:
         out.update(rate=n / secs, cpu_us=(cpu1 - cpu0) / n * 1e6, cpu_all_us=(cpu1 - cpu0 + sup1 - sup0) / n * 1e6,
+                   cpu_user_us=(split1[0] - split0[0]) / n * 1e6, cpu_sys_us=(split1[1] - split0[1]) / n * 1e6,
                    cmds=sum(cmds.values()) / n, cmd_detail={k: v / n for k, v in cmds.items()})
     return out
 

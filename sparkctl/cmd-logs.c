@@ -26,12 +26,12 @@ logs_pack(msgpack_packer *pk, void *arg)
 {
 	const struct logs_params *p = arg;
 	msgpack_pack_map(pk, 2 + (p->level != NULL) + (p->worker != NULL));
-	proto_pack_kv_int(pk, "lines", p->lines);
-	proto_pack_kv_bool(pk, "follow", p->follow);
+	proto_pack_kv_int(pk, PROTO_P_LINES, p->lines);
+	proto_pack_kv_bool(pk, PROTO_P_FOLLOW, p->follow);
 	if (p->level != NULL)
-		proto_pack_kv_str(pk, "level", p->level);
+		proto_pack_kv_str(pk, PROTO_P_LEVEL, p->level);
 	if (p->worker != NULL)
-		proto_pack_kv_str(pk, "worker", p->worker);
+		proto_pack_kv_str(pk, PROTO_P_WORKER, p->worker);
 }
 
 /* One entry, either a log line or a {"dropped": N} marker, in the chosen format. */
@@ -46,7 +46,7 @@ logs_print(const struct ctl *ctl, const msgpack_object *o, bool json)
 	}
 	if (o->type != MSGPACK_OBJECT_MAP)
 		return;
-	if (proto_map_get(o, "dropped") != NULL && proto_map_get(o, "msg") == NULL)
+	if (proto_map_get(o, PROTO_N_DROPPED) != NULL && proto_map_get(o, PROTO_F_MSG) == NULL)
 		out_dropped_line(ctl, o);
 	else
 		out_log_line(ctl, o);
@@ -88,12 +88,12 @@ cmd_logs(struct ctl *ctl, const struct ctl_args *a)
 		ctl_client_close(&c);
 		return r == CTL_INTERRUPTED ? CTL_EXIT_OK : ctl_report_failure(ctl, r, err);
 	}
-	const msgpack_object *lines = proto_map_get(res, "lines");
+	const msgpack_object *lines = proto_map_get(res, PROTO_F_LINES);
 	if (lines != NULL && lines->type == MSGPACK_OBJECT_ARRAY)
 		for (uint32_t i = 0; i < lines->via.array.size; i++)
 			logs_print(ctl, &lines->via.array.ptr[i], json);
 	int64_t dropped = 0;
-	if (proto_get_int(res, "dropped", &dropped) == 1 && dropped > 0)
+	if (proto_get_int(res, PROTO_N_DROPPED, &dropped) == 1 && dropped > 0)
 		logs_print(ctl, res, json);
 	msgpack_unpacked_destroy(&reply);
 	fflush(stdout);

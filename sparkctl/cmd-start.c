@@ -45,7 +45,7 @@ start_check_running(struct ctl *ctl, const char *path)
 	const msgpack_object *res = NULL;
 	r = ctl_client_call(&c, PROTO_M_PING, NULL, NULL, 3000, &reply, &res, err, sizeof err);
 	int64_t pid = 0;
-	if (r == CTL_OK && proto_get_int(res, "pid", &pid) == 1)
+	if (r == CTL_OK && proto_get_int(res, PROTO_F_PID, &pid) == 1)
 		out_err(ctl, "sparkd is already running (pid %lld) on %s", (long long)pid, path);
 	else if (r == CTL_OK)
 		out_err(ctl, "sparkd is already running on %s", path);

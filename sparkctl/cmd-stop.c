@@ -28,9 +28,9 @@ stop_pack(msgpack_packer *pk, void *arg)
 {
 	const struct stop_params *p = arg;
 	msgpack_pack_map(pk, p->has_timeout ? 2 : 1);
-	proto_pack_kv_bool(pk, "force", p->force);
+	proto_pack_kv_bool(pk, PROTO_P_FORCE, p->force);
 	if (p->has_timeout)
-		proto_pack_kv_double(pk, "timeout_s", p->timeout_s);
+		proto_pack_kv_double(pk, PROTO_P_TIMEOUT_S, p->timeout_s);
 }
 
 static void
@@ -38,7 +38,7 @@ status_pack(msgpack_packer *pk, void *arg)
 {
 	(void)arg;
 	msgpack_pack_map(pk, 1);
-	proto_pack_kv_bool(pk, "verbose", false);
+	proto_pack_kv_bool(pk, PROTO_P_VERBOSE, false);
 }
 
 /*
@@ -54,11 +54,12 @@ stop_probe(struct ctl_client *c, int64_t *pid, double *time_limit)
 	char err[256];
 	enum ctl_result r = ctl_client_call(c, PROTO_M_STATUS, status_pack, NULL, 10000, &reply, &res, err, sizeof err);
 	if (r == CTL_OK) {
-		const msgpack_object *sup = proto_map_get(res, "supervisor");
+		const msgpack_object *sup = proto_map_get(res, PROTO_F_SUPERVISOR);
 		double tl;
-		if (proto_get_int(sup, "pid", pid) != 1)
+		if (proto_get_int(sup, PROTO_F_PID, pid) != 1)
 			*pid = 0;
-		if (proto_get_double(proto_map_get(sup, "limits"), "time_limit", &tl) == 1 && isfinite(tl) && tl >= 0)
+		if (proto_get_double(proto_map_get(sup, PROTO_F_LIMITS), PROTO_F_TIME_LIMIT, &tl) == 1 &&
+		    isfinite(tl) && tl >= 0)
 			*time_limit = tl;
 	}
 	msgpack_unpacked_destroy(&reply);

@@ -198,7 +198,10 @@ pack_json(msgpack_packer *pk, json_t *v)
 		break;
 	case JSON_ARRAY:
 		msgpack_pack_array(pk, json_array_size(v));
-		json_array_foreach(v, i, x) pack_json(pk, x);
+		json_array_foreach(v, i, x)
+		{
+			pack_json(pk, x);
+		}
 		break;
 	case JSON_STRING:
 		proto_pack_str(pk, json_string_value(v));

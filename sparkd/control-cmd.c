@@ -243,7 +243,10 @@ c_time_limit(struct pb_call *c)
 	json_t *known = inspect_registered_list(), *v;
 	size_t i;
 	bool found = false;
-	json_array_foreach(known, i, v) found = found || (name != NULL && strcmp(json_string_value(v), name) == 0);
+	json_array_foreach(known, i, v)
+	{
+		found = found || (name != NULL && strcmp(json_string_value(v), name) == 0);
+	}
 	json_decref(known);
 	if (!found)
 		return pb_error("unknown task");

@@ -169,7 +169,10 @@ stats_done(struct pb_call *c, const struct fq_result *r)
 	struct sd_worker *w = c->w;
 	json_t *total = json_object(), *rusage = json_object(), *item, *pids = json_array();
 	size_t i;
-	json_array_foreach(r->items, i, item) stats_merge(total, rusage, item);
+	json_array_foreach(r->items, i, item)
+	{
+		stats_merge(total, rusage, item);
+	}
 	if (json_object_size(rusage) == 0) {
 		/* no process answered: sparkd's view of its children is better than nothing */
 		struct rusage ru;

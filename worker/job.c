@@ -28,43 +28,14 @@ rand01(struct worker *w)
 	return (double)((w->rng * 0x2545F4914F6CDD1DULL) >> 11) / 9007199254740992.0;
 }
 
-void
-job_free(struct job *j)
-{
-	struct worker *w = j->w;
-	if (j->timers_assigned) {
-		event_del(&j->soft_ev);
-		event_del(&j->hard_ev);
-	}
-	if (j->record_queued || j->started_queued)
-		job_unqueue_record(j);
-	if (j->report_queued)
-		for (int i = 0; i < w->nunreported; i++)
-			if (w->unreported[i] == j)
-				w->unreported[i] = NULL;
-	if (j->state == JOB_WRITING)
-		w->writing--;
-	TAILQ_REMOVE(&w->jobs, j, entry);
-	w->njobs--;
-	json_decref(j->run.result);
-	if (j->decoded)
-		message_free(&j->m);
-	free(j->raw);
-	free(j->tag);
-	free(j->out_meta);
-	free(j->out_env);
-	free(j->out_reason);
-	free(j);
-}
-
-/* The meta for j's outcome, in w->meta, copied out (NULL when results are not stored). */
+/* The meta for j's outcome, in the job's own buffer (NULL when results are not stored). */
 static char *
 job_meta(struct job *j, const char *status, const char *result_json, size_t result_len, const char *traceback)
 {
 	if (!j->store_result)
 		return NULL;
-	meta_build(&j->w->meta, j->m.task_id, status, result_json, result_len, traceback, &j->m);
-	return xstrndup(j->w->meta.p, j->w->meta.len);
+	meta_build(&j->meta_buf, j->m.task_id, status, result_json, result_len, traceback, &j->m);
+	return j->meta_buf.p;
 }
 
 static char *
@@ -134,104 +105,29 @@ job_reject(struct job *j, const char *module, const char *type, const char *mess
 	outcome_write(j);
 }
 
-void
-job_queue_report(struct job *j)
-{
-	struct worker *w = j->w;
-	if (w->nunreported == w->unreported_cap) {
-		w->unreported_cap = w->unreported_cap ? 2 * w->unreported_cap : 64;
-		w->unreported = xrealloc(w->unreported, (size_t)w->unreported_cap * sizeof *w->unreported);
-	}
-	w->unreported[w->nunreported++] = j;
-	j->report_queued = true;
-}
-
-/* Report flush: the starts of the jobs still running. A task that began and ended between two flushes is only
- * counted (report_progress): sparkd tracks tasks that last, and the per-task pair would cost more than the task. */
-void
-job_report_starts(struct worker *w)
-{
-	for (int i = 0; i < w->nunreported; i++) {
-		struct job *j = w->unreported[i];
-		if (j == NULL)
-			continue;
-		j->report_queued = false;
-		if (j->state != JOB_RUNNING)
-			continue;
-		report_start(&w->rep, j->slot, j->hard_s, j->m.task_id, j->m.task_name);
-		j->started_report = true;
-		j->slot_reported = j->slot;
-	}
-	w->nunreported = 0;
-}
-
-void
-job_queue_record(struct job *j)
-{
-	struct worker *w = j->w;
-	if (j->record_queued || j->started_queued) /* already in the list */
-		return;
-	if (w->nto_record == w->to_record_cap) {
-		w->to_record_cap = w->to_record_cap ? 2 * w->to_record_cap : 64;
-		w->to_record = xrealloc(w->to_record, (size_t)w->to_record_cap * sizeof *w->to_record);
-	}
-	w->to_record[w->nto_record++] = j;
-}
-
-void
-job_unqueue_record(struct job *j)
-{
-	struct worker *w = j->w;
-	for (int i = 0; i < w->nto_record; i++)
-		if (w->to_record[i] == j)
-			w->to_record[i] = NULL;
-	j->record_queued = j->started_queued = false;
-}
-
-/*
- * End of tick: kombu's records of the jobs fetched in it, and the STARTED metas of the jobs started in it, for
- * those still held then. A job that ended within the tick (a no-op) writes neither: its records would be deleted
- * by the same write, and its STARTED would be overwritten by its outcome before anyone could read it (it would
- * only cost four commands and, on a subscriber, a message announcing what is already over).
- */
-void
-job_flush_records(struct worker *w)
-{
-	for (int i = 0; i < w->nto_record; i++) {
-		struct job *j = w->to_record[i];
-		if (j == NULL)
-			continue;
-		bool record = j->record_queued, started = j->started_queued;
-		j->record_queued = j->started_queued = false;
-		if (record && (j->state == JOB_RESERVED || j->state == JOB_RUNNING))
-			outcome_record(j);
-		if (started && j->state == JOB_RUNNING)
-			outcome_started(j);
-	}
-	w->nto_record = 0;
-}
-
 struct job *
 job_new(struct worker *w, const char *qkey, const char *raw, size_t len, const char *tag, bool unrecorded)
 {
-	struct job *j = xcalloc(1, sizeof *j);
+	struct job *j = job_alloc(w, len);
 	j->w = w;
-	j->raw = xmalloc(len + 1);
 	memcpy(j->raw, raw, len);
 	j->raw[len] = '\0';
 	j->len = len;
 	j->qkey = qkey;
 	j->slot = -1;
-	j->tag = xstrdup(tag ? tag : "");
+	j->tag = "";
+	if (tag != NULL && tag[0] != '\0') {
+		j->tag = xstrdup(tag);
+		j->tag_owned = true;
+	}
 	TAILQ_INSERT_TAIL(&w->jobs, j, entry);
 	w->njobs++;
 
 	int decoded = message_decode(j->raw, j->len, &j->m);
 	j->decoded = true;
-	if (j->tag[0] == '\0' && j->m.delivery_tag != NULL && j->m.delivery_tag[0] != '\0') {
-		free(j->tag);
-		j->tag = xstrdup(j->m.delivery_tag);
-	}
+	/* the message's own tag lives in its store as long as the job */
+	if (j->tag[0] == '\0' && j->m.delivery_tag != NULL)
+		j->tag = j->m.delivery_tag;
 	j->unrecorded = unrecorded && j->tag[0] != '\0';
 	/* kombu's records go out at the end of the tick, for the jobs still held then: a job that ended within the
 	 * tick (a no-op) would only have written them to delete them in the same write */
@@ -489,7 +385,6 @@ job_task_done(struct task_run *run)
 			j->counted = true;
 			w->processed++;
 		}
-		free(j->out_meta);
 		j->out_meta = NULL;
 		job_end_revoked(j, j->terminated ? "terminated" : "revoked", NULL, false);
 		engine_tick(w);

@@ -145,6 +145,7 @@ engine_free(struct worker *w)
 	rpipe_close(&w->backend);
 	while (!TAILQ_EMPTY(&w->jobs))
 		job_free(TAILQ_FIRST(&w->jobs));
+	job_free_pool(w);
 	for (int i = 0; i < 4; i++)
 		if (w->sig_ev[i] != NULL)
 			event_free(w->sig_ev[i]);
@@ -179,6 +180,7 @@ engine_free(struct worker *w)
 	free(w->qlen_acc);
 	free(w->slots);
 	free(w->to_record);
+	free(w->acks);
 	free(w->unreported);
 	free(w->proc_key);
 	free(w->landing_key);
@@ -349,24 +351,34 @@ engine_tick_cb(evutil_socket_t fd, short what, void *arg)
 	 * resident size is read from /proc only when the heap grew by a MiB since the last reading, or a second
 	 * passed: mallinfo2 is a cheap userspace signal, a statm read costs a syscall per task.
 	 */
-	double t = now_mono();
-	struct mallinfo2 mi = mallinfo2();
-	size_t heap = mi.uordblks + mi.hblkhd;
-	bool grew = heap > w->heap_at_read + (1u << 20);
-	if (w->processed != w->rss_checked_at && (grew || t - w->rss_read_at >= 1.0)) {
-		w->rss_checked_at = w->processed;
-		w->rss_read_at = t;
-		w->heap_at_read = heap;
-		long rss = proc_rss_kib(0);
-		if (rss > 0)
-			w->rss_kib = rss;
-		if (w->cfg->max_memory_kib > 0 && w->rss_kib > w->cfg->max_memory_kib)
-			engine_recycle(w, "max-memory");
+	if (w->processed != w->rss_checked_at) {
+		/* mallinfo2 walks the allocator's bins (a few thousand instructions): once per batch of finished
+		 * tasks, not again in a tick that finished none */
+		double t = now_mono();
+		bool due = t - w->rss_read_at >= 1.0;
+		size_t heap = 0;
+		if (due || w->processed != w->heap_checked_at) {
+			w->heap_checked_at = w->processed;
+			struct mallinfo2 mi = mallinfo2();
+			heap = mi.uordblks + mi.hblkhd;
+		}
+		if (due || heap > w->heap_at_read + (1u << 20)) {
+			w->rss_checked_at = w->processed;
+			w->rss_read_at = t;
+			w->heap_at_read = heap;
+			long rss = proc_rss_kib(0);
+			if (rss > 0)
+				w->rss_kib = rss;
+			if (w->cfg->max_memory_kib > 0 && w->rss_kib > w->cfg->max_memory_kib)
+				engine_recycle(w, "max-memory");
+		}
 	}
 	engine_maybe_exit(w);
 	engine_flush_reports(w, false);
 	if (w->events.nbatch > 0)
 		events_flush(w);
+	if (w->nacks > 0)
+		outcome_flush(w);
 	rpipe_flush(&w->broker);
 	rpipe_flush(&w->backend);
 }

@@ -5,9 +5,12 @@
  * a few strings and one raw JSON result (often a span of the message, copied through), so building and dumping a
  * tree would only allocate. The string escaper is ours for that reason: jansson escapes only while dumping a tree.
  */
+#include <math.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "jscan.h"
 #include "util.h"
@@ -104,6 +107,102 @@ sbuf_add_json_string(struct sbuf *b, const char *s, size_t n)
 	sbuf_add(b, "\"", 1);
 }
 
+size_t
+sbuf_digits(unsigned long long v, char *out)
+{
+	if (v < 100) { /* most RESP lengths */
+		if (v < 10) {
+			out[0] = (char)('0' + v);
+			return 1;
+		}
+		out[0] = (char)('0' + v / 10);
+		out[1] = (char)('0' + v % 10);
+		return 2;
+	}
+	char tmp[20];
+	size_t n = 0;
+	do
+		tmp[n++] = (char)('0' + v % 10);
+	while ((v /= 10) > 0);
+	for (size_t i = 0; i < n; i++)
+		out[i] = tmp[n - 1 - i];
+	return n;
+}
+
+void
+sbuf_add_uint(struct sbuf *b, unsigned long long v)
+{
+	sbuf_reserve(b, 20);
+	b->len += sbuf_digits(v, b->p + b->len);
+	b->p[b->len] = '\0';
+}
+
+size_t
+sbuf_fixed(double v, int decimals, char out[SBUF_FIXED_MAX])
+{
+	if (!(v >= 0 && v < 1e15) || decimals < 1 || decimals > 9)
+		return (size_t)snprintf(out, SBUF_FIXED_MAX, "%.*f", decimals, v);
+	unsigned long long scale = 1;
+	for (int i = 0; i < decimals; i++)
+		scale *= 10;
+	unsigned long long units = (unsigned long long)(v * (double)scale + 0.5);
+	size_t n = sbuf_digits(units / scale, out);
+	out[n++] = '.';
+	unsigned long long frac = units % scale;
+	for (int i = decimals - 1; i >= 0; i--, frac /= 10)
+		out[n + (size_t)i] = (char)('0' + frac % 10);
+	n += (size_t)decimals;
+	out[n] = '\0';
+	return n;
+}
+
+/* Two digits of v at out. */
+static void
+meta_two(char *out, int v)
+{
+	out[0] = (char)('0' + v / 10 % 10);
+	out[1] = (char)('0' + v % 10);
+}
+
+size_t
+meta_iso(double t, bool aware, char out[META_ISO_MAX])
+{
+	/* whole microseconds first, so that a fraction rounding up to the next second carries into it */
+	long long us = llround(t * 1e6);
+	long long whole = us / 1000000 - (us % 1000000 < 0);
+	long usec = (long)(us - whole * 1000000);
+	time_t secs = (time_t)whole;
+	struct tm tm;
+	if (!(t > -1e12 && t < 1e12) || gmtime_r(&secs, &tm) == NULL || tm.tm_year + 1900 < 0 ||
+	    tm.tm_year + 1900 > 9999) {
+		message_format_iso(t, aware, out, META_ISO_MAX);
+		return strlen(out);
+	}
+	int year = tm.tm_year + 1900;
+	meta_two(out, year / 100);
+	meta_two(out + 2, year % 100);
+	out[4] = '-';
+	meta_two(out + 5, tm.tm_mon + 1);
+	out[7] = '-';
+	meta_two(out + 8, tm.tm_mday);
+	out[10] = 'T';
+	meta_two(out + 11, tm.tm_hour);
+	out[13] = ':';
+	meta_two(out + 14, tm.tm_min);
+	out[16] = ':';
+	meta_two(out + 17, tm.tm_sec);
+	out[19] = '.';
+	for (int i = 25; i >= 20; i--, usec /= 10)
+		out[i] = (char)('0' + usec % 10);
+	size_t n = 26;
+	if (aware) {
+		memcpy(out + n, "+00:00", 6);
+		n += 6;
+	}
+	out[n] = '\0';
+	return n;
+}
+
 static void
 meta_add_string(struct sbuf *b, const char *s)
 {
@@ -138,9 +237,11 @@ meta_build(struct sbuf *b, const char *task_id, const char *status, const char *
 	sbuf_adds(b, ",\"children\":[],\"date_done\":");
 	if (meta_state_ready(status)) {
 		/* naive, as Celery 5.2 writes it */
-		char iso[64];
-		message_format_iso(now_wall(), false, iso, sizeof iso);
-		meta_add_string(b, iso);
+		char iso[META_ISO_MAX];
+		size_t n = meta_iso(now_wall(), false, iso);
+		sbuf_add(b, "\"", 1);
+		sbuf_add(b, iso, n);
+		sbuf_add(b, "\"", 1);
 	} else {
 		sbuf_adds(b, "null");
 	}

@@ -6,8 +6,8 @@
  * outstanding callback (hiredis does), then on_down runs; after the backoff the connection is made again,
  * AUTH/SELECT/SCRIPT LOAD run pipelined, and on_up runs once everything has answered.
  */
+#include <errno.h>
 #include <event2/event.h>
-#include <hiredis/adapters/libevent.h>
 #include <hiredis/async.h>
 #include <hiredis/sds.h>
 #include <stdio.h>
@@ -98,14 +98,41 @@ rpipe_fail(struct rpipe *p, const char *why)
 
 /*
  * Write what is queued now rather than on the next writable event: called at the end of each tick, it saves the
- * connection a loop iteration and the epoll_ctl pair per round trip (the add and delete of the write event
- * cancel out inside libevent's change list). A write error ends the connection here as it would in the loop.
+ * connection a loop iteration per round trip. The write is ours, not redisAsyncHandleWrite's: hiredis frees its
+ * output buffer after every complete write and grows a new one, reallocation by reallocation, in the next tick;
+ * clearing it keeps the allocation (up to RPIPE_OBUF_KEEP). A partial write leaves the rest to hiredis's write
+ * event; an error is left to hiredis to find, so the connection ends the one way it always does.
  */
+#define RPIPE_OBUF_KEEP (256u << 10)
+
 void
 rpipe_flush(struct rpipe *p)
 {
-	if (p->ac != NULL && p->ac->c.obuf != NULL && sdslen(p->ac->c.obuf) > 0)
-		redisAsyncHandleWrite(p->ac);
+	redisAsyncContext *ac = p->ac;
+	if (ac == NULL || ac->c.obuf == NULL || sdslen(ac->c.obuf) == 0)
+		return;
+	redisContext *c = &ac->c;
+	if (c->err || !(c->flags & REDIS_CONNECTED)) {
+		redisAsyncHandleWrite(ac);
+		return;
+	}
+	size_t len = sdslen(c->obuf);
+	ssize_t n = write(c->fd, c->obuf, len);
+	if (n == (ssize_t)len) {
+		if (sdsalloc(c->obuf) > RPIPE_OBUF_KEEP) {
+			sdsfree(c->obuf);
+			c->obuf = sdsempty();
+		} else {
+			sdsclear(c->obuf);
+		}
+		ac->ev.delWrite(ac->ev.data);
+	} else if (n > 0) {
+		sdsrange(c->obuf, (int)n, -1);
+	} else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) {
+		/* the write event, armed when the commands were queued, writes it */
+	} else {
+		redisAsyncHandleWrite(ac);
+	}
 }
 
 void
@@ -140,40 +167,37 @@ rpipe_reply(redisAsyncContext *ac, void *reply, void *privdata)
 	cb(p, reply, arg);
 }
 
-/* Decimal digits of v into b (the RESP lengths: printf-free, it runs for every argument). */
-static void
-rpipe_add_num(struct sbuf *b, size_t v)
-{
-	char tmp[24];
-	int n = 0;
-	do
-		tmp[n++] = (char)('0' + v % 10);
-	while ((v /= 10) > 0);
-	char out[24];
-	for (int i = 0; i < n; i++)
-		out[i] = tmp[n - 1 - i];
-	sbuf_add(b, out, (size_t)n);
-}
-
 /*
  * The RESP encoding of a command, written here rather than by hiredis's redisAsyncCommandArgv: its formatter
- * (sdscatfmt into a fresh sds per command) was the worker's largest single cost per task.
+ * (sdscatfmt into a fresh sds per command) was the worker's largest single cost per task. Room is reserved once
+ * per argument and the bytes written in place.
  */
 static void
 rpipe_format(struct sbuf *b, int argc, const char **argv, const size_t *lens)
 {
 	sbuf_reset(b);
-	sbuf_add(b, "*", 1);
-	rpipe_add_num(b, (size_t)argc);
-	sbuf_add(b, "\r\n", 2);
+	sbuf_reserve(b, 32);
+	char *o = b->p;
+	*o++ = '*';
+	o += sbuf_digits((unsigned long long)argc, o);
+	*o++ = '\r';
+	*o++ = '\n';
+	b->len = (size_t)(o - b->p);
 	for (int i = 0; i < argc; i++) {
 		size_t n = lens ? lens[i] : strlen(argv[i]);
-		sbuf_add(b, "$", 1);
-		rpipe_add_num(b, n);
-		sbuf_add(b, "\r\n", 2);
-		sbuf_add(b, argv[i], n);
-		sbuf_add(b, "\r\n", 2);
+		sbuf_reserve(b, n + 32);
+		o = b->p + b->len;
+		*o++ = '$';
+		o += sbuf_digits(n, o);
+		*o++ = '\r';
+		*o++ = '\n';
+		memcpy(o, argv[i], n);
+		o += n;
+		*o++ = '\r';
+		*o++ = '\n';
+		b->len = (size_t)(o - b->p);
 	}
+	b->p[b->len] = '\0';
 }
 
 /* Queue a command on the connection even before it is ready (the start-up sequence). */
@@ -396,7 +420,7 @@ rpipe_connect(struct rpipe *p)
 		redisAsyncFree(ac);
 		return;
 	}
-	redisLibeventAttach(ac, p->w->base);
+	rpipe_glue_attach(p, ac);
 	redisAsyncSetConnectCallback(ac, rpipe_connect_cb);
 	redisAsyncSetDisconnectCallback(ac, rpipe_disconnect_cb);
 }
@@ -421,6 +445,7 @@ rpipe_close(struct rpipe *p)
 		event_free(p->retry_ev);
 	p->retry_ev = NULL;
 	sbuf_free(&p->fmt);
+	rpipe_glue_free(p); /* after redisAsyncFree: every reply has come back */
 	while (p->free_calls != NULL) {
 		struct rcall *c = p->free_calls;
 		p->free_calls = c->next;

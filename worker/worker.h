@@ -4,9 +4,11 @@
  *   main.c      command line, configuration, process start and exit
  *   loop.c      the process: event base, signals, stops, recycling, limits, the per-tick flush
  *   rpipe.c     an async Redis connection (hiredis + libevent) that reconnects, loads scripts and reports down/up
+ *   rpipe-glue.c its loop events and pooled reply objects
  *   scripts.c   the Lua scripts (one definition each) and their ids
  *   fetch.c     batched reliable fetch, the idle wait (CLIENT TRACKING invalidations), reconcile after reconnect
  *   job.c       a held message from fetch to its end: decode, dispatch to a slot, time limits, task completion
+ *   job-pool.c  jobs' memory, reused;  job-tick.c  what held jobs send at the end of a tick
  *   outcome.c   "record, then ack": the one place that writes a job's outcome and confirms it
  *   sweep.c     housekeeping: ETA moves, lease refresh, dead-process recovery, kombu sweep, queue lengths
  *   message.c   Celery envelope scan (jsmn, no DOM on the hot path), retry envelopes, key naming
@@ -103,6 +105,12 @@ void sbuf_adds(struct sbuf *b, const char *s);
 /* s as a JSON string literal (quotes, escapes); bytes that are not UTF-8 become U+FFFD */
 void sbuf_add_json_string(struct sbuf *b, const char *s, size_t n);
 void sbuf_free(struct sbuf *b);
+/* Numbers as the hot path writes them, without printf (a snprintf cost more than the rest of a meta): decimal, and
+ * v with 1 to 9 decimals as "%.*f" (snprintf's for values outside [0, 1e15)) into out, NUL-terminated; its length */
+void sbuf_add_uint(struct sbuf *b, unsigned long long v);
+size_t sbuf_digits(unsigned long long v, char *out); /* into out (20 bytes), not terminated; the count */
+#define SBUF_FIXED_MAX 48
+size_t sbuf_fixed(double v, int decimals, char out[SBUF_FIXED_MAX]);
 
 /* ---- message.c ---- */
 
@@ -186,6 +194,9 @@ double message_retry_countdown(const struct spark_config *cfg, int retries, doub
  * ["parent_id", "group_id",] "task_id"}. result_json is raw JSON (NULL = null); m may be NULL. */
 void meta_build(struct sbuf *b, const char *task_id, const char *status, const char *result_json, size_t result_len,
                 const char *traceback, const struct message *m);
+/* message_format_iso's text without printf, NUL-terminated; its length. */
+#define META_ISO_MAX 40
+size_t meta_iso(double t, bool aware, char out[META_ISO_MAX]);
 /* {"exc_type", "exc_message": [message], "exc_module"} as raw JSON into b (reset first). */
 void meta_exception(struct sbuf *b, const char *module, const char *type, const char *message);
 
@@ -239,8 +250,10 @@ struct rpipe {
 	double last_progress;                /* monotonic: last reply seen, or when inflight went from 0 to 1 */
 	unsigned long replies, replies_seen; /* replies counted, and as of the last hang check */
 	char sha[SCRIPT_COUNT][41];
-	struct rcall *free_calls; /* spare command records */
-	struct sbuf fmt;          /* the command being encoded */
+	struct rcall *free_calls;   /* spare command records */
+	struct rnode *free_replies; /* spare reply objects (rpipe.c's reply functions) */
+	int nfree_replies;
+	struct sbuf fmt; /* the command being encoded */
 	/* called once ready after each (re)connect, and when the connection is lost */
 	void (*on_up)(struct rpipe *p);
 	void (*on_down)(struct rpipe *p);
@@ -264,6 +277,9 @@ void rpipe_fail(struct rpipe *p, const char *why);
 void rpipe_flush(struct rpipe *p);
 /* Drop a connection whose oldest outstanding reply is older than the limit (a hung server). */
 void rpipe_check_hung(struct rpipe *p, double limit_s);
+/* rpipe-glue.c: the connection's loop events and reply objects (set on each new context), and their free list */
+void rpipe_glue_attach(struct rpipe *p, struct redisAsyncContext *ac);
+void rpipe_glue_free(struct rpipe *p);
 
 /* ---- the process ---- */
 
@@ -290,9 +306,11 @@ struct job {
 	enum job_state state;
 	char *raw; /* the envelope exactly as in the processing list */
 	size_t len;
+	size_t raw_cap;   /* bytes allocated at raw (kept when the job is reused) */
 	const char *qkey; /* the queue key it came from (one of w->qkeys) */
 	bool unrecorded;  /* kombu's unacked records are still to be written */
-	char *tag;        /* kombu delivery tag, "" when none */
+	const char *tag;  /* kombu delivery tag, "" when none: the message's own, or owned (tag_owned) */
+	bool tag_owned;
 	struct message m;
 	bool decoded; /* m holds a decoded message (message_free due) */
 	int slot;     /* slot index while running, else -1 */
@@ -312,7 +330,8 @@ struct job {
 	enum outcome_kind out;
 	const char *report_outcome; /* success failure retry revoked requeued */
 	bool counted;               /* counts as processed */
-	char *out_meta;             /* the meta to store (NULL: none) */
+	char *out_meta;             /* the meta to store (NULL: none), in meta_buf */
+	struct sbuf meta_buf;       /* kept when the job is reused */
 	char *out_env;              /* OUT_RETRY: the retry envelope; OUT_REQUEUE: the marked one */
 	double out_at;              /* OUT_RETRY, OUT_PARK: the ETA score */
 	char *out_reason;           /* OUT_DEADLETTER */
@@ -322,6 +341,7 @@ struct job {
 	bool out_lost;              /* a reply was lost: write the phase again once reconnected */
 	bool out_resent;            /* written again after a lost reply: the guarded writer from now on */
 	bool out_confirmed;         /* every phase confirmed */
+	bool ack_queued;            /* its plain end waits in w->acks for the end of the tick */
 	bool task_ended;            /* an abandoned job's task has called done */
 	int record_pending;         /* replies of kombu's records outstanding */
 	int slot_reported;          /* the slot in its start report */
@@ -360,10 +380,11 @@ struct task_events {
 	uint64_t rng;        /* delivery tags */
 	struct sbuf head;    /* the body's fields every event repeats: hostname, utcoffset, pid */
 	struct sbuf mid;     /* the envelope between the body and the routing key */
-	struct sbuf body, env, chan;
-	struct sbuf batch; /* the tick's events, comma-separated: one PUBLISH at the end of the tick */
+	struct sbuf env, chan;
+	struct sbuf batch; /* "[" and the tick's events, comma-separated: one PUBLISH at the end of the tick */
 	int nbatch;
 	const char *batch_type; /* the only event's type while nbatch is 1 */
+	char b64[4096][2];      /* base64 of every 12 bits: two characters per lookup */
 };
 
 struct worker {
@@ -390,9 +411,13 @@ struct worker {
 	int down;          /* connections currently down (for the "problem" report) */
 	char problem[400]; /* why the last one went down */
 
-	struct jobq jobs;       /* every message this process holds */
+	struct jobq jobs;      /* every message this process holds */
+	struct job *free_jobs; /* ended jobs kept for reuse, with their buffers (job.c) */
+	int nfree_jobs;
 	struct job **to_record; /* jobs fetched this tick whose kombu records wait for the tick's end */
 	int nto_record, to_record_cap;
+	struct job **acks; /* jobs whose plain end waits for the tick's shared MULTI/EXEC (outcome_flush) */
+	int nacks, acks_cap;
 	struct job **unreported; /* jobs started since the last report flush */
 	int nunreported, unreported_cap;
 	bool progress_dirty; /* tasks counted since the last flush without a report of their own */
@@ -428,7 +453,8 @@ struct worker {
 	long rss_kib;
 	long rss_checked_at; /* processed when memory was last checked */
 	double rss_read_at;
-	size_t heap_at_read; /* mallinfo2's bytes in use when the resident size was last read */
+	size_t heap_at_read;  /* mallinfo2's bytes in use when the resident size was last read */
+	long heap_checked_at; /* processed when mallinfo2 was last read */
 	uint64_t rng;
 	double reports_at; /* monotonic: the last report flush */
 	struct event *report_ev;
@@ -486,11 +512,15 @@ void fetch_on_invalidate(struct worker *w, const char *key, size_t len);
 
 /* job.c */
 struct job *job_new(struct worker *w, const char *qkey, const char *raw, size_t len, const char *tag, bool unrecorded);
+/* job-pool.c: a zeroed job (its buffers kept when reused; raw has room for len + 1), its end, the spare ones */
+struct job *job_alloc(struct worker *w, size_t len);
 void job_free(struct job *j);
-void job_dispatch(struct worker *w); /* start reserved jobs in free slots */
+void job_free_pool(struct worker *w); /* the jobs kept for reuse (engine_free) */
+void job_dispatch(struct worker *w);  /* start reserved jobs in free slots */
 void job_cancel_all(struct worker *w, enum task_cancel why);
 void job_abandon_running(struct worker *w);  /* cold stop, grace over: put back what still runs */
 void job_requeue_reserved(struct worker *w); /* warm stop: put back what has not started */
+void job_list_add(struct job ***list, int *n, int *cap, struct job *j); /* append to a growable list of the tick */
 void job_queue_record(struct job *j);
 void job_unqueue_record(struct job *j);
 void job_flush_records(struct worker *w); /* end of tick: kombu's records of the jobs still held */
@@ -504,6 +534,7 @@ bool job_is_workflow(const struct job *j);
 /* outcome.c */
 void outcome_write(struct job *j);     /* write j's end (j->out set); frees j once confirmed */
 void outcome_resend(struct worker *w); /* after a reconnect: write again every end whose reply was lost */
+void outcome_flush(struct worker *w);  /* end of tick: the plain ends queued in it, in one MULTI/EXEC */
 /* The meta store for a job's start (STARTED), on the right connection, without waiting. */
 void outcome_started(struct job *j);
 /* kombu's unacked records for a job taken by a plain LMOVE (no round trip of its own). */

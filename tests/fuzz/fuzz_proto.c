@@ -2,11 +2,7 @@
  * libFuzzer harness for the control protocol reader: proto_reader_feed/next, proto_parse_request,
  * proto_parse_message and the typed map getters, on whatever bytes a client might send.
  *
- * Not part of `make`; build and run it on demand from the repository root (clang and libclang-rt-14-dev):
- *
- *   clang -g -O1 -fsanitize=fuzzer,address,undefined -D_GNU_SOURCE -Icommon -Iproto \
- *       tests/fuzz/fuzz_proto.c proto/proto.c $(pkg-config --cflags --libs msgpack) -o build/fuzz_proto
- *   mkdir -p build/fuzz-corpus && build/fuzz_proto -max_total_time=60 -rss_limit_mb=2048 build/fuzz-corpus
+ * Built and run by `make fuzz` (tests/fuzz/run.sh), seeded from tests/fuzz/proto/.
  *
  * The first input byte chooses the chunk size, so that frames split across reads are covered too.
  */

@@ -90,8 +90,8 @@ def test_online_heartbeats_offline(spark, event_log):
 
     r = sd.stop()
     assert r.rc == 0, r
-    # worker-offline went out before sparkd exited (sparkd is gone: it can only have been sent already); the
-    # test's subscriber thread receives it a moment later
+    # worker-offline went out before sparkd exited (Redis acknowledged the PUBLISH); the receiver's thread may
+    # read it a moment later
     wait_for(lambda: all(log.of("worker-offline", n) for n in nodes), t(5),
              what="worker-offline of both nodes")
     wait_for(lambda: not any(log.state.workers[n].alive for n in nodes), t(5), what="State sees them offline")
