@@ -71,6 +71,11 @@ def pid_start_time(pid):
     return int(data[data.rfind(b")") + 2 :].split()[19])
 
 
+def same_process(pid, started):
+    """True while pid is alive and still the process that had start time started."""
+    return bool(pid) and started is not None and pid_start_time(pid) == started and pid_alive(pid)
+
+
 def wait_pid_gone(pid, timeout):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -238,14 +243,12 @@ class RedisServer:
             return False
 
     def running(self):
-        if self.pid is None or (self.pid_started is not None and pid_start_time(self.pid) != self.pid_started):
-            return False
-        return pid_alive(self.pid)
+        return same_process(self.pid, self.pid_started)
 
     def stop(self, timeout=10):
         pid = self.pid
-        if pid is not None and self.pid_started is not None and pid_start_time(pid) != self.pid_started:
-            pid = None  # it died already and the pid is another process's now
+        if pid is not None and not same_process(pid, self.pid_started):
+            pid = None  # it died already, and the pid may be another process's now
         elif pid is None and self.pidfile.exists():
             try:
                 pid = int(self.pidfile.read_text().strip())
@@ -430,6 +433,16 @@ class Sparkd:
                 if p.get("pid"):
                     self.seen_pids[p["pid"]] = pid_start_time(p["pid"])
 
+    @property
+    def pid(self):
+        return self._pid
+
+    @pid.setter
+    def pid(self, pid):
+        # sparkd's start time with its pid: once it has exited the pid may be any other process's
+        self._pid = pid
+        self._pid_started = pid_start_time(pid) if pid else None
+
     def processes(self, st=None):
         st = st or self.status()
         return [p for w in st["workers"] for p in (w.get("processes") or [])]
@@ -477,15 +490,15 @@ class Sparkd:
         return self.ctl("stop", *args, timeout=timeout or t(60))
 
     def running(self):
-        return self.pid is not None and pid_alive(self.pid)
+        return same_process(self._pid, self._pid_started)
 
     def all_pids(self):
         pids = set(pids_with_env(self.marker))
         for p, started in self.seen_pids.items():
             # a pid seen once and since reused by another process (another test's, another user's) is not ours
-            if started is not None and pid_start_time(p) == started and pid_alive(p):
+            if same_process(p, started):
                 pids.add(p)
-        if self.pid and pid_alive(self.pid):
+        if self.running():
             pids.add(self.pid)
         return pids
 
