@@ -65,7 +65,7 @@ def redis_server(tmp_path_factory):
 
 @pytest.fixture
 def redis(redis_server):
-    if redis_server.pid is None or not harness.pid_alive(redis_server.pid):
+    if not redis_server.running():
         redis_server.start()
     redis_server.client().flushall()
     return redis_server

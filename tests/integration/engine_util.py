@@ -32,8 +32,7 @@ class PersistentRedisServer(RedisServer):
         wait_for(self._ping, timeout, what=f"redis on port {self.port}")
         # with AOF, PING answers while the file is still loading (-LOADING): wait for real commands
         wait_for(lambda: self.client().dbsize() is not None, timeout, what="redis loaded")
-        self.pid = int(self.pidfile.read_text().strip())
-        return self
+        return self._note_started()
 
 
 class MetaRecorder:

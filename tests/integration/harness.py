@@ -9,6 +9,9 @@ whose environment carries it.
 
 Under SPARK_SAN=1 the binaries are ASan/UBSan builds: timeouts are scaled, and sanitizer reports are written to
 files that teardown turns into a test failure.
+
+SPARK_TEST_REDIS_LOGLEVEL=verbose makes every private redis-server log each client's connect and close (redis.log
+in its directory), which shows who closed a connection.
 """
 
 import json
@@ -55,6 +58,22 @@ def pid_alive(pid):
         return False
     state = data[data.rfind(b")") + 2 : data.rfind(b")") + 3]
     return state not in (b"Z", b"X")
+
+
+def pid_start_time(pid):
+    """The process's start time in clock ticks (field 22 of /proc/pid/stat), None when it is gone: with the pid it
+    names one process, since a pid is soon reused on a busy machine (pid_max is 32768 here)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return int(data[data.rfind(b")") + 2 :].split()[19])
+
+
+def same_process(pid, started):
+    """True while pid is alive and still the process that had start time started."""
+    return bool(pid) and started is not None and pid_start_time(pid) == started and pid_alive(pid)
 
 
 def wait_pid_gone(pid, timeout):
@@ -179,6 +198,8 @@ class RedisServer:
         self.port = port or free_port()
         self.pidfile = self.dir / "redis.pid"
         self.pid = None
+        self.pid_started = None
+        self.started = False
 
     def url(self, db=0):
         return f"redis://127.0.0.1:{self.port}/{db}"
@@ -186,7 +207,8 @@ class RedisServer:
     def start(self, timeout=10):
         cmd = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
                "no", "--dir", str(self.dir), "--daemonize", "yes", "--pidfile", str(self.pidfile),
-               "--logfile", str(self.dir / "redis.log")]
+               "--logfile", str(self.dir / "redis.log"),
+               "--loglevel", os.environ.get("SPARK_TEST_REDIS_LOGLEVEL", "notice")]
         for _ in range(5):
             if self.pidfile.exists():
                 self.pidfile.unlink()
@@ -195,15 +217,22 @@ class RedisServer:
                 raise RuntimeError(f"redis-server failed: {r.stderr or r.stdout}")
             try:
                 wait_for(self._ping, timeout, what=f"redis on port {self.port}")
-                self.pid = int(self.pidfile.read_text().strip())
-                return self
+                return self._note_started()
             except AssertionError:
                 log = (self.dir / "redis.log").read_text(errors="replace") if (self.dir / "redis.log").exists() else ""
                 if "Address already in use" in log:
+                    if self.started:  # clients know this port: moving would leave them on a dead one
+                        raise RuntimeError(f"redis port {self.port} was taken while the server was down")
                     self.port = free_port()  # lost a race for the port: take another
                     continue
                 raise
         raise RuntimeError("redis-server could not bind a port")
+
+    def _note_started(self):
+        self.pid = int(self.pidfile.read_text().strip())
+        self.pid_started = pid_start_time(self.pid)
+        self.started = True
+        return self
 
     def _ping(self):
         try:
@@ -213,9 +242,14 @@ class RedisServer:
         except OSError:
             return False
 
+    def running(self):
+        return same_process(self.pid, self.pid_started)
+
     def stop(self, timeout=10):
         pid = self.pid
-        if pid is None and self.pidfile.exists():
+        if pid is not None and not same_process(pid, self.pid_started):
+            pid = None  # it died already, and the pid may be another process's now
+        elif pid is None and self.pidfile.exists():
             try:
                 pid = int(self.pidfile.read_text().strip())
             except ValueError:
@@ -357,7 +391,7 @@ class Sparkd:
                          "SPARK_PID_FILE": str(self.pid_file), "SPARK_TEST_ID": self.test_id})
         self.proc = None  # foreground sparkd
         self.pid = None
-        self.seen_pids = set()
+        self.seen_pids = {}  # pid -> its start time when status showed it
         self.stdout_path = self.dir / "sparkd.out"
         self.stderr_path = self.dir / "sparkd.err"
 
@@ -397,7 +431,17 @@ class Sparkd:
         for w in st.get("workers", []):
             for p in w.get("processes", []) or []:
                 if p.get("pid"):
-                    self.seen_pids.add(p["pid"])
+                    self.seen_pids[p["pid"]] = pid_start_time(p["pid"])
+
+    @property
+    def pid(self):
+        return self._pid
+
+    @pid.setter
+    def pid(self, pid):
+        # sparkd's start time with its pid: once it has exited the pid may be any other process's
+        self._pid = pid
+        self._pid_started = pid_start_time(pid) if pid else None
 
     def processes(self, st=None):
         st = st or self.status()
@@ -446,14 +490,15 @@ class Sparkd:
         return self.ctl("stop", *args, timeout=timeout or t(60))
 
     def running(self):
-        return self.pid is not None and pid_alive(self.pid)
+        return same_process(self._pid, self._pid_started)
 
     def all_pids(self):
         pids = set(pids_with_env(self.marker))
-        for p in self.seen_pids:
-            if pid_alive(p):
+        for p, started in self.seen_pids.items():
+            # a pid seen once and since reused by another process (another test's, another user's) is not ours
+            if same_process(p, started):
                 pids.add(p)
-        if self.pid and pid_alive(self.pid):
+        if self.running():
             pids.add(self.pid)
         return pids
 

@@ -12,6 +12,9 @@ from test_celery_inspect import celery_cli, cli_json
 
 HOST = socket.gethostname()
 REVOKED_KEY = "spark:revoked"
+# every Python-API call here has one node answering: collect until its reply (a fixed 1 s window is not enough
+# on a loaded machine, and waiting for the whole window is slow)
+ONE_REPLY = {"reply": True, "timeout": t(10), "limit": 1}
 
 
 def procs_of(sd, name):
@@ -52,7 +55,7 @@ def test_revoked_set_is_bounded_and_expires(spark, redis, celery):
     # an expired entry from an earlier revoke is dropped at the next one
     r.zadd(REVOKED_KEY, {"old-expired": time.time() - 10})
     app = celery()
-    replies = app.control.revoke(["a1", "a2"], reply=True, timeout=1.0)
+    replies = app.control.revoke(["a1", "a2"], **ONE_REPLY)
     assert replies == [{f"celery@{HOST}": {"ok": "tasks a1, a2 flagged as revoked"}}]
     wait_for(lambda: r.zscore(REVOKED_KEY, "old-expired") is None, t(5), what="the expired id trimmed")
     assert r.zcard(REVOKED_KEY) == 2
@@ -70,12 +73,12 @@ def test_terminate_kill_ends_the_process_running_it(spark, redis, celery):
             if any(a["id"] == res.id for a in p["active_tasks"]):
                 return p["pid"]
     pid = wait_for(running, t(20), what="the task running")
-    replies = app.control.revoke(res.id, terminate=True, signal="KILL", reply=True, timeout=1.0)
+    replies = app.control.revoke(res.id, terminate=True, signal="KILL", **ONE_REPLY)
     assert replies == [{node: {"ok": f"terminate: {res.id}"}}]
     assert wait_pid_gone(pid, t(5)), "the process running the revoked task was not killed"
     # the slot is refilled; the other process was never touched
     wait_for(lambda: len([p for p in procs_of(sd, node)["processes"] if p["state"] == "active"]) == 2, t(20))
-    unknown = app.control.revoke(str(uuid.uuid4()), terminate=True, reply=True, timeout=1.0)
+    unknown = app.control.revoke(str(uuid.uuid4()), terminate=True, **ONE_REPLY)
     assert unknown == [{node: {"ok": "terminate: tasks unknown"}}]
 
 
@@ -84,7 +87,7 @@ def test_pool_grow_and_shrink_without_losing_a_task(spark, celery):
     sd.start(workers=2, concurrency=1)
     app = celery()
     node = f"celery-1@{HOST}"
-    got = app.control.pool_grow(2, destination=[node], reply=True, timeout=1.0)
+    got = app.control.pool_grow(2, destination=[node], **ONE_REPLY)
     assert got == [{node: {"ok": "pool will grow"}}]
     wait_for(lambda: procs_of(sd, node)["concurrency"] == 3 and
              len([p for p in procs_of(sd, node)["processes"] if p["state"] == "active"]) == 3, t(20),
@@ -96,7 +99,7 @@ def test_pool_grow_and_shrink_without_losing_a_task(spark, celery):
     tasks = [app.send_task("spark.sleep", args=[1]) for _ in range(6)]
     wait_for(lambda: procs_of(sd, node)["active"] >= 1, t(20), what="tasks running on the grown node")
     old = {p["pid"] for p in procs_of(sd, node)["processes"]}
-    got = app.control.pool_shrink(2, destination=[node], reply=True, timeout=1.0)
+    got = app.control.pool_shrink(2, destination=[node], **ONE_REPLY)
     assert got == [{node: {"ok": "pool will shrink"}}]
     assert [r.get(timeout=t(60)) for r in tasks] == [1] * 6
     wait_for(lambda: len(procs_of(sd, node)["processes"]) == 1 and procs_of(sd, node)["concurrency"] == 1, t(20),
@@ -104,7 +107,7 @@ def test_pool_grow_and_shrink_without_losing_a_task(spark, celery):
     (left,) = procs_of(sd, node)["processes"]
     assert left["pid"] in old and left["state"] == "active"
     # below one process: an error reply, nothing changes
-    got = app.control.pool_shrink(1, destination=[node], reply=True, timeout=1.0)
+    got = app.control.pool_shrink(1, destination=[node], **ONE_REPLY)
     assert "error" in got[0][node]
 
 
@@ -113,25 +116,25 @@ def test_add_consumer_events_time_limit_are_remembered(spark, celery):
     sd.start(workers=1, concurrency=1)
     app = celery()
     node = f"celery@{HOST}"
-    got = app.control.add_consumer("q2", reply=True, timeout=1.0)
+    got = app.control.add_consumer("q2", **ONE_REPLY)
     assert got == [{node: {"ok": "add consumer q2"}}]
-    again = app.control.add_consumer("q2", reply=True, timeout=1.0)
+    again = app.control.add_consumer("q2", **ONE_REPLY)
     assert again == [{node: {"ok": "already consuming from 'q2'"}}]
-    names = [q["name"] for q in app.control.inspect(timeout=1.0).active_queues()[node]]
+    names = [q["name"] for q in app.control.inspect(timeout=t(10), limit=1).active_queues()[node]]
     assert names[-1] == "q2"
     assert procs_of(sd, node)["celery"]["queues"][-1] == "q2"
-    got = app.control.cancel_consumer("q2", reply=True, timeout=1.0)
+    got = app.control.cancel_consumer("q2", **ONE_REPLY)
     assert got == [{node: {"ok": "no longer consuming from q2"}}]
-    assert "q2" not in [q["name"] for q in app.control.inspect(timeout=1.0).active_queues()[node]]
+    assert "q2" not in [q["name"] for q in app.control.inspect(timeout=t(10), limit=1).active_queues()[node]]
 
-    assert app.control.enable_events(reply=True, timeout=1.0) == [{node: {"ok": "task events enabled"}}]
+    assert app.control.enable_events(**ONE_REPLY) == [{node: {"ok": "task events enabled"}}]
     assert procs_of(sd, node)["celery"]["task_events"] is True
-    assert app.control.disable_events(reply=True, timeout=1.0) == [{node: {"ok": "task events disabled"}}]
+    assert app.control.disable_events(**ONE_REPLY) == [{node: {"ok": "task events disabled"}}]
     assert procs_of(sd, node)["celery"]["task_events"] is False
 
-    got = app.control.time_limit("spark.sleep", soft=10, hard=20, reply=True, timeout=1.0)
+    got = app.control.time_limit("spark.sleep", soft=10, hard=20, **ONE_REPLY)
     assert got == [{node: {"ok": "time limits set successfully"}}]
-    got = app.control.time_limit("no.such.task", soft=10, hard=20, reply=True, timeout=1.0)
+    got = app.control.time_limit("no.such.task", soft=10, hard=20, **ONE_REPLY)
     assert got == [{node: {"error": "unknown task"}}]
 
 
@@ -143,7 +146,7 @@ def test_shutdown_stops_one_node_then_the_last_warm(spark, redis, tmp_path, cele
     app.control.shutdown(destination=[n1])
     wait_for(lambda: procs_of(sd, n1)["state"] == "stopped", t(20), what="node 1 stopped")
     assert procs_of(sd, n2)["state"] == "active" and sd.running()
-    assert list(app.control.inspect(timeout=1.0).ping()) == [n2]
+    assert list(app.control.inspect(timeout=t(10), limit=1).ping()) == [n2]
 
     sleeping = app.send_task("spark.sleep", args=[2])
     wait_for(lambda: procs_of(sd, n2)["active"] == 1, t(20), what="the task running on node 2")
@@ -207,5 +210,5 @@ def test_add_consumer_makes_the_node_consume_the_queue(spark, celery):
     sd = spark()
     sd.start(workers=1, concurrency=1)
     app = celery()
-    app.control.add_consumer("q2", reply=True, timeout=1.0)
+    app.control.add_consumer("q2", **ONE_REPLY)
     assert app.send_task("spark.noop", args=[5], queue="q2").get(timeout=t(20)) == 5

@@ -148,11 +148,14 @@ class Follower:
 
 def test_follow_streams_new_lines_and_filters(two_workers_with_history):
     sd, app = two_workers_with_history
-    f_all = Follower(sd, "-n", "0", "--json")
-    f_err = Follower(sd, "--level", "error", "-n", "0", "--json")
-    f_w1 = Follower(sd, "--worker", f"celery-1@{hostname()}", "-n", "0", "--json")
+    w1 = f"celery-1@{hostname()}"
+    # -n 1: sparkd sends the newest matching line and subscribes the client in the same step, so a follower that
+    # printed it is subscribed (the history holds an error line and lines of both workers)
+    f_all = Follower(sd, "-n", "1", "--json")
+    f_err = Follower(sd, "--level", "error", "-n", "1", "--json")
+    f_w1 = Follower(sd, "--worker", w1, "-n", "1", "--json")
     try:
-        time.sleep(0.3 * (4 if SAN else 1))  # let the followers subscribe before the events they must see
+        first = {f: f.lines_until(lambda l: True, t(10)) for f in (f_all, f_err, f_w1)}
         res = app.send_task("spark.noop", args=["followed"])
         assert res.get(timeout=t(20)) == "followed"
         got = f_all.lines_until(lambda l: res.id in l, t(10))
@@ -163,18 +166,15 @@ def test_follow_streams_new_lines_and_filters(two_workers_with_history):
             bad.get(timeout=t(10), propagate=False)
         except Exception:
             pass
-        errs = f_err.lines_until(lambda l: "another.unknown.task" in l or bad.id in l, t(10))
+        errs = first[f_err] + f_err.lines_until(lambda l: "another.unknown.task" in l or bad.id in l, t(10))
         assert all(json.loads(l)["level"].upper() in ("ERROR", "CRITICAL") for l in errs), errs
-        # enough work that both workers log; the worker-1 follower sees only worker 1
+        # enough work that both workers log; the worker-1 follower sees only worker 1: everything it printed up to
+        # worker 1's newest line (lines reach a follower in the ring's order)
         for r in [app.send_task("spark.noop", args=[i]) for i in range(10)]:
             r.get(timeout=t(20))
-        w1lines = f_w1.lines_until(lambda l: True, t(10))
-        time.sleep(0.2)
-        while not f_w1.q.empty():
-            item = f_w1.q.get()
-            if item:
-                w1lines.append(item)
-        assert all(json.loads(l)["worker"] == f"celery-1@{hostname()}" for l in w1lines), w1lines
+        (newest,) = logs_json(sd, "--worker", w1, "-n", "1")
+        w1lines = first[f_w1] + f_w1.lines_until(lambda l: json.loads(l) == newest, t(10))
+        assert all(json.loads(l)["worker"] == w1 for l in w1lines), w1lines
         # --follow runs until interrupted, and an interrupt ends it promptly
         assert f_all.proc.poll() is None
     finally:
@@ -220,7 +220,6 @@ def test_followers_that_never_read_do_not_grow_sparkd(spark, celery, redis):
         wait_for(lambda: r.llen("celery") == 0, t(60), interval=0.05, what="the queue to drain")
 
     burst(100)  # warm up allocator and ring
-    time.sleep(0.3)
     base = proc_rss_kib(sd.pid)
     followers = []
     for _ in range(20):

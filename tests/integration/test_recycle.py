@@ -22,7 +22,8 @@ def test_max_tasks_per_child_recycles_and_counts_every_task(spark, celery):
     # processed reaches 30 before the recycled processes are reaped and their exits recorded: wait for both
     def settled():
         s = sd.status()
-        return s if s["workers"][0]["processed"] == 30 and "max-tasks" in last_reasons(sd, s) else None
+        done = s["workers"][0]["processed"] == 30 and "max-tasks" in last_reasons(sd, s)
+        return s if done and any(not pid_alive(pid) for pid in first) else None
 
     st = wait_for(settled, t(10), what="processed == 30 and a max-tasks exit recorded")
     w = st["workers"][0]

@@ -104,7 +104,8 @@ def test_password_never_shows_while_workers_run(spark, secured_redis):
         gc.collect()  # AsyncResults are in cycles: release them while this redis is up
     finally:
         app.close()
-    assert sd.status()["workers"][0]["processed"] + sd.status()["workers"][1]["processed"] >= 5
+    # the results are published before the workers' reports of them reach sparkd: wait for the count
+    wait_for(lambda: sum(w["processed"] for w in sd.status()["workers"]) >= 5, t(5), what="5 tasks processed")
 
     # a crash and restart logs the worker's startup (with its broker) again
     victim = sd.processes()[0]["pid"]

@@ -307,12 +307,14 @@ def test_follow_ends_with_exit_0_on_sigint(fake):
     d = fake()
     p = subprocess.Popen([harness.binary("sparkctl"), "--socket", d.path, "logs", "-f"], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, env=base_env())
-    harness.wait_for(lambda: any(m == "logs" for m, _ in d.requests), t(10), what="the logs request")
-    time.sleep(0.3)
+    out = []
+    reader = threading.Thread(target=lambda: out.extend(p.stdout), daemon=True)
+    reader.start()
+    harness.wait_for(lambda: any("followed" in line for line in out), t(10), what="the followed line printed")
     p.send_signal(2)
-    out, err = p.communicate(timeout=t(10))
-    assert p.returncode == 0, (out, err)
-    assert "followed" in out
+    rc = p.wait(timeout=t(10))
+    reader.join(t(10))
+    assert rc == 0, (out, p.stderr.read())
 
 
 def test_stop_waits_for_close_and_maps_errors(fake):

@@ -104,7 +104,8 @@ def test_signals(spark, celery, redis, how):
     sd = spark()
     sd.start(workers=1, concurrency=1, mode="fg")
     app = celery()
-    res = app.send_task("spark.sleep", args=[2])
+    # a cold stop must come while the task still runs: give it room on a loaded machine
+    res = app.send_task("spark.sleep", args=[2 if how == "SIGTERM" else 6])
     wait_active(sd, 1)
     if how == "SIGTERM":
         sd.proc.send_signal(signal.SIGTERM)
@@ -112,7 +113,8 @@ def test_signals(spark, celery, redis, how):
         sd.proc.send_signal(signal.SIGQUIT)
     else:
         sd.proc.send_signal(signal.SIGINT)
-        time.sleep(0.1)
+        # two pending SIGINTs merge into one: the second goes once sparkd has taken the first
+        wait_for(lambda: "SIGINT: warm stop" in sd.tail(), t(10), what="sparkd's log of the first SIGINT")
         sd.proc.send_signal(signal.SIGINT)
     assert sd.proc.wait(timeout=t(20)) == 0
     assert_all_gone(sd)
@@ -122,4 +124,4 @@ def test_signals(spark, celery, redis, how):
         assert res.state not in ("SUCCESS", "FAILURE"), f"{how} is a cold stop"
         sd2 = spark(name="again")
         sd2.start(workers=1, concurrency=1)
-        assert res.get(timeout=t(20)) == 2
+        assert res.get(timeout=t(20)) == 6
