@@ -251,8 +251,11 @@ def test_killed_connections_lose_no_task_and_complete_none_twice(spark, celery, 
     rec = MetaRecorder(redis.client(1), ids)
     tally = StatusTally(rec)
     try:
-        # a backlog, so that every kill finds fetches and finishes in flight (their replies are lost)
-        results = [app.send_task("spark.noop", args=[i], task_id=tid) for i, tid in enumerate(ids)]
+        # a backlog, so that every kill finds fetches and finishes in flight (their replies are lost). Each task
+        # sleeps 50 ms (a distinct length, so that its result still names it): the drain takes seconds whatever
+        # the machine, where 12,000 no-ops took well under one and could end before the kills did
+        secs = [0.05 + i * 1e-7 for i in range(n)]
+        results = [app.send_task("spark.sleep", args=[secs[i]], task_id=tid) for i, tid in enumerate(ids)]
         sd = spark(BASE_ENV)
         sd.start(*THREADS, workers=1, concurrency=slots)
         pid, _ = the_process(sd)
@@ -275,7 +278,7 @@ def test_killed_connections_lose_no_task_and_complete_none_twice(spark, celery, 
                      interval=0.02, what=f"process {pid} reconnected after kill {k} ({left} messages left)")
 
         got = results_of(results, t(90))
-        bad = [(i, g) for i, g in enumerate(got) if g != i]
+        bad = [(i, g) for i, g in enumerate(got) if g != secs[i]]
         assert not bad, f"{len(bad)} wrong results, first: {bad[:5]}"
         # once drained: nothing held by the process, nothing left in kombu's records
         wait_for(lambda: r.llen("celery") == 0 and r.llen(key) == 0 and r.hlen("unacked") == 0
