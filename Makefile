@@ -199,7 +199,7 @@ FUZZ_CFLAGS = -std=c11 -g -O1 -fno-omit-frame-pointer -fsanitize=address,undefin
     -Iworker $(call PC,$(FUZZ_PKGS))
 FUZZ_SRC_proto = proto/proto.c
 FUZZ_SRC_message = worker/message.c worker/message-codec.c worker/jscan.c common/codec.c common/util.c common/log.c
-FUZZ_SRC_envfile = common/config.c common/rundir.c common/url.c common/util.c common/log.c
+FUZZ_SRC_envfile = common/config.c common/config-socket.c common/envfile.c common/rundir.c common/url.c common/util.c common/log.c
 FUZZ_SRC_url = common/url.c common/util.c common/log.c
 FUZZ_SRC_fernet = worker/fernet.c common/util.c common/log.c
 FUZZ_SRC_report = common/report.c common/wireline.c common/util.c common/log.c

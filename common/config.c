@@ -164,155 +164,6 @@ parse_bytes(const char *s)
 	return kib < 0 || kib > LONG_MAX / 1024 ? -1 : kib * 1024;
 }
 
-/* ---- env file ---- */
-
-static int
-envfile_line(char *line, const char *name, int lineno, envfile_cb cb, void *arg, char *err, size_t errlen)
-{
-	char *p = str_trim(line);
-	if (*p == '\0' || *p == '#')
-		return 0;
-	if (strncmp(p, "export", 6) == 0 && isspace((unsigned char)p[6]))
-		p = str_trim(p + 6);
-	char *eq = strchr(p, '=');
-	if (eq == NULL) {
-		snprintf(err, errlen, "%s:%d: expected KEY=value", name, lineno);
-		return -1;
-	}
-	*eq = '\0';
-	char *key = str_trim(p);
-	if (*key == '\0') {
-		snprintf(err, errlen, "%s:%d: empty variable name", name, lineno);
-		return -1;
-	}
-	for (char *k = key; *k; k++) {
-		if (!isalnum((unsigned char)*k) && *k != '_') {
-			snprintf(err, errlen, "%s:%d: bad variable name '%s' (letters, digits and _ only)", name,
-			         lineno, key);
-			return -1;
-		}
-	}
-	char *v = str_trim(eq + 1);
-	if (*v == '"' || *v == '\'') {
-		char q = *v++;
-		char *out = v, *in = v;
-		while (*in && *in != q) {
-			if (q == '"' && *in == '\\' && in[1] != '\0') {
-				in++;
-				*out++ = *in == 'n' ? '\n' : *in;
-				in++;
-			} else
-				*out++ = *in++;
-		}
-		if (*in != q) {
-			snprintf(err, errlen, "%s:%d: unterminated quote in the value of %s", name, lineno, key);
-			return -1;
-		}
-		*out = '\0';
-		char *rest = str_trim(in + 1);
-		if (*rest != '\0' && *rest != '#') {
-			snprintf(err, errlen, "%s:%d: text after the closing quote in %s", name, lineno, key);
-			return -1;
-		}
-	} else {
-		/* unquoted: an inline comment starts at " #" */
-		for (char *c = v; *c; c++) {
-			if (*c == '#' && (c == v || isspace((unsigned char)c[-1]))) {
-				*c = '\0';
-				break;
-			}
-		}
-		v = str_trim(v);
-	}
-	cb(key, v, arg);
-	return 0;
-}
-
-/* Strict: the first bad line ends the parse with -1. Lenient: bad lines are skipped, the first one's reason is kept
- * in err, and the number of bad lines is returned. */
-static int
-envfile_parse_lines(const char *name, const char *buf, bool lenient, envfile_cb cb, void *arg, char *err, size_t errlen)
-{
-	char *copy = xstrdup(buf);
-	int lineno = 0, nbad = 0;
-	char *s = copy;
-	for (;;) {
-		char *nl = strchr(s, '\n');
-		if (nl)
-			*nl = '\0';
-		lineno++;
-		char lerr[512];
-		if (envfile_line(s, name, lineno, cb, arg, lerr, sizeof lerr) < 0) {
-			if (nbad++ == 0)
-				snprintf(err, errlen, "%s", lerr);
-			if (!lenient)
-				break;
-		}
-		if (!nl)
-			break;
-		s = nl + 1;
-	}
-	free(copy);
-	return lenient ? nbad : (nbad ? -1 : 0);
-}
-
-int
-envfile_parse_buf(const char *name, const char *buf, envfile_cb cb, void *arg, char *err, size_t errlen)
-{
-	return envfile_parse_lines(name, buf, false, cb, arg, err, errlen);
-}
-
-/* The whole file, NUL-terminated, in *out (caller frees); -1 with the reason in err. */
-static int
-envfile_read(const char *path, char **out, char *err, size_t errlen)
-{
-	FILE *f = fopen(path, "re");
-	if (f == NULL) {
-		snprintf(err, errlen, "cannot read env file %s: %s", path, strerror(errno));
-		return -1;
-	}
-	size_t cap = 4096, len = 0;
-	char *buf = xmalloc(cap);
-	size_t n;
-	while ((n = fread(buf + len, 1, cap - len - 1, f)) > 0) {
-		len += n;
-		if (len > 4 * 1024 * 1024) {
-			snprintf(err, errlen, "env file %s is larger than 4 MiB", path);
-			fclose(f);
-			free(buf);
-			return -1;
-		}
-		if (cap - len - 1 == 0)
-			buf = xrealloc(buf, cap *= 2);
-	}
-	int rerr = ferror(f);
-	fclose(f);
-	if (rerr) {
-		snprintf(err, errlen, "cannot read env file %s: read error", path);
-		free(buf);
-		return -1;
-	}
-	buf[len] = '\0';
-	if (memchr(buf, '\0', len) != NULL) {
-		snprintf(err, errlen, "env file %s contains NUL bytes", path);
-		free(buf);
-		return -1;
-	}
-	*out = buf;
-	return 0;
-}
-
-int
-envfile_parse(const char *path, envfile_cb cb, void *arg, char *err, size_t errlen)
-{
-	char *buf;
-	if (envfile_read(path, &buf, err, errlen) < 0)
-		return -1;
-	int rc = envfile_parse_buf(path, buf, cb, arg, err, errlen);
-	free(buf);
-	return rc;
-}
-
 /* ---- resolution ---- */
 
 struct filevals {
@@ -352,21 +203,6 @@ file_cb(const char *key, const char *value, void *arg)
 	fv->r[i].from = alias ? alias : vdefs[i].name;
 }
 
-static const char *
-pick_env_file(const char *env_file, bool *explicit)
-{
-	*explicit = true;
-	if (env_file != NULL)
-		return env_file[0] ? env_file : NULL;
-	const char *e = getenv("SPARK_ENV_FILE");
-	if (e != NULL)
-		return e[0] ? e : NULL;
-	*explicit = false;
-	if (access(".env", F_OK) == 0)
-		return ".env";
-	return NULL;
-}
-
 static int
 resolve_all(struct resolved *r, const struct config_override *ov, size_t nov, const char *env_file, char **used_file,
             char *err, size_t errlen)
@@ -374,7 +210,7 @@ resolve_all(struct resolved *r, const struct config_override *ov, size_t nov, co
 	struct filevals fv;
 	memset(&fv, 0, sizeof fv);
 	bool explicit;
-	const char *path = pick_env_file(env_file, &explicit);
+	const char *path = envfile_pick(env_file, &explicit);
 	*used_file = NULL;
 	if (path != NULL) {
 		if (envfile_parse(path, file_cb, &fv, err, errlen) < 0) {
@@ -588,26 +424,6 @@ convert(struct spark_config *cfg, const struct vdef *d, const struct resolved *r
 	return 0;
 }
 
-char *
-config_default_socket(void)
-{
-	const char *rt = getenv("RUNTIME_DIRECTORY");
-	if (rt != NULL && *rt) {
-		/* systemd may list several, colon-separated: the first is ours */
-		size_t n = strcspn(rt, ":");
-		return xasprintf("%.*s/sparkd.sock", (int)n, rt);
-	}
-	if (geteuid() == 0)
-		return xstrdup("/run/spark/sparkd.sock");
-	const char *x = getenv("XDG_RUNTIME_DIR");
-	if (x != NULL && *x == '/')
-		return xasprintf("%s/spark/sparkd.sock", x);
-	char *fb = rundir_fallback();
-	char *p = xasprintf("%s/sparkd.sock", fb);
-	free(fb);
-	return p;
-}
-
 static char *
 default_log_dir(void)
 {
@@ -721,112 +537,4 @@ config_resolve(const char *var, const char *flag_value, const char *env_file, ch
 		free(r[i].value);
 	}
 	return out;
-}
-
-static void
-socket_cb(const char *key, const char *value, void *arg)
-{
-	char **out = arg;
-	if (strcmp(key, "SPARK_SOCKET") == 0) {
-		free(*out);
-		*out = xstrdup(value);
-	}
-}
-
-char *
-config_socket_resolve(const char *flag_value, const char *env_file, char *warn, size_t warnlen)
-{
-	if (warnlen > 0)
-		warn[0] = '\0';
-	if (flag_value != NULL && flag_value[0] != '\0')
-		return xstrdup(flag_value);
-	const char *v = getenv("SPARK_SOCKET");
-	char *found = NULL;
-	if (v != NULL) {
-		/* the environment wins over the file: the file is not even opened */
-		if (v[0] != '\0')
-			return xstrdup(v);
-	} else {
-		bool explicit;
-		const char *path = pick_env_file(env_file, &explicit);
-		char *buf = NULL;
-		if (path != NULL && envfile_read(path, &buf, warn, warnlen) == 0) {
-			int nbad = envfile_parse_lines(path, buf, true, socket_cb, &found, warn, warnlen);
-			size_t used = strlen(warn);
-			if (nbad > 1 && used < warnlen)
-				snprintf(warn + used, warnlen - used, " (and %d more bad line%s)", nbad - 1,
-				         nbad == 2 ? "" : "s");
-		}
-		free(buf);
-	}
-	if (found != NULL && found[0] != '\0')
-		return found;
-	free(found);
-	return config_default_socket();
-}
-
-static void
-setenv_num(const char *name, double v)
-{
-	char buf[64];
-	snprintf(buf, sizeof buf, "%.17g", v);
-	setenv(name, buf, 1);
-}
-
-void
-config_export(const struct spark_config *cfg)
-{
-	setenv_num("SPARK_WORKERS", cfg->workers);
-	setenv_num("CELERY_WORKER_CONCURRENCY", cfg->concurrency);
-	setenv_num("CELERY_WORKER_PREFETCH_MULTIPLIER", cfg->prefetch_multiplier);
-	setenv("CELERY_WORKER_POOL", pool_name(cfg->pool), 1);
-	setenv("SPARK_LOGLEVEL", log_level_name(cfg->loglevel), 1);
-	setenv("CELERY_BROKER_URL", cfg->broker_url, 1);
-	if (cfg->result_backend)
-		setenv("CELERY_RESULT_BACKEND", cfg->result_backend, 1);
-	else
-		unsetenv("CELERY_RESULT_BACKEND");
-	unsetenv("AUTOMAGIK_SPARK_CELERY_RESULT_BACKEND");
-	if (cfg->database_url)
-		setenv("DATABASE_URL", cfg->database_url, 1);
-	else
-		unsetenv("DATABASE_URL");
-	unsetenv("AUTOMAGIK_SPARK_DATABASE_URL");
-	setenv_num("CELERY_WORKER_MAX_TASKS_PER_CHILD", (double)cfg->max_tasks_per_child);
-	setenv_num("CELERY_WORKER_MAX_MEMORY_PER_CHILD", (double)cfg->max_memory_kib);
-	setenv_num("CELERY_TASK_TIME_LIMIT", cfg->time_limit);
-	setenv_num("CELERY_TASK_SOFT_TIME_LIMIT", cfg->soft_time_limit);
-	setenv_num("CELERY_TASK_MAX_RETRIES", cfg->max_retries);
-	setenv("CELERY_TASK_RETRY_BACKOFF", cfg->retry_backoff ? "True" : "False", 1);
-	setenv("CELERY_WORKER_SEND_TASK_EVENTS", cfg->send_task_events ? "True" : "False", 1);
-	setenv_num("CELERY_TASK_RETRY_BACKOFF_MAX", cfg->retry_backoff_max);
-	setenv_num("CELERY_TASK_DEFAULT_RETRY_DELAY", cfg->default_retry_delay);
-	char q[SPARK_MAX_QUEUES * 210] = "";
-	for (int i = 0; i < cfg->nqueues; i++) {
-		if (i)
-			strcat(q, ",");
-		strcat(q, cfg->queues[i]);
-	}
-	setenv("SPARK_QUEUES", q, 1);
-	setenv("SPARK_SOCKET", cfg->socket_path, 1);
-	setenv("SPARK_LOG_DIR", cfg->log_dir, 1);
-	setenv("SPARK_PID_FILE", cfg->pid_file, 1);
-	if (cfg->encryption_key)
-		setenv("AUTOMAGIK_SPARK_ENCRYPTION_KEY", cfg->encryption_key, 1);
-	setenv_num("AUTOMAGIK_SPARK_HTTP_TIMEOUT", cfg->http_timeout);
-	setenv_num("SPARK_VISIBILITY_TIMEOUT", cfg->visibility_timeout);
-	setenv_num("SPARK_LOG_LINES", (double)cfg->log_lines);
-	char lb[32];
-	snprintf(lb, sizeof lb, "%ldb", cfg->log_max_bytes);
-	setenv("SPARK_LOG_MAX_BYTES", lb, 1);
-	setenv_num("SPARK_LOG_KEEP", cfg->log_keep);
-	setenv_num("SPARK_START_TIMEOUT", cfg->start_timeout);
-	setenv_num("SPARK_STARTSECS", cfg->startsecs);
-	setenv_num("SPARK_HEARTBEAT_INTERVAL", cfg->heartbeat_interval);
-	setenv_num("SPARK_DB_POOL_SIZE", cfg->db_pool_size);
-	setenv_num("SPARK_MAX_MESSAGE_BYTES", (double)cfg->max_message_bytes);
-	setenv_num("SPARK_DEADLETTER_MAX", (double)cfg->deadletter_max);
-	setenv_num("SPARK_POISON_DELIVERIES", cfg->poison_deliveries);
-	/* children read exactly this environment, never an env file of their own */
-	setenv("SPARK_ENV_FILE", "", 1);
 }

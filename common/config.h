@@ -108,6 +108,14 @@ void config_export(const struct spark_config *cfg);
 typedef void (*envfile_cb)(const char *key, const char *value, void *arg);
 int envfile_parse(const char *path, envfile_cb cb, void *arg, char *err, size_t errlen);
 int envfile_parse_buf(const char *name, const char *buf, envfile_cb cb, void *arg, char *err, size_t errlen);
+/* The file's bytes (NUL-terminated; caller frees); its lines, and with lenient a bad line is skipped and counted
+ * (returns the count) instead of failing (-1). */
+int envfile_read(const char *path, char **out, char *err, size_t errlen);
+/* The env file to read: env_file if given ("" = none), else $SPARK_ENV_FILE, else ./.env if it exists; *explicit
+ * says whether it was named (a named file must exist). */
+const char *envfile_pick(const char *env_file, bool *explicit);
+int envfile_parse_lines(const char *name, const char *buf, bool lenient, envfile_cb cb, void *arg, char *err,
+                        size_t errlen);
 
 /* "200000" (KiB), "200MB", "1G", "512k" -> KiB. -1 on error. */
 long parse_memory_kib(const char *s);

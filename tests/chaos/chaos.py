@@ -207,7 +207,7 @@ class Run:
                 if time.monotonic() > deadline:
                     self.problems.append(f"send_task kept failing: {e!r}")
                     return
-                time.sleep(0.1)
+                time.sleep(0.1)  # a retry back-off while the broker restarts, not a wait for a condition
         self.sent[tid] = (kind, sched)
 
     def produce(self):

@@ -201,7 +201,7 @@ def test_guide_supervisor_block_stays_running_stops_warm_and_restarts(tmp_path, 
         while time.monotonic() < until:
             assert supervisor_state(conf) == ("RUNNING", pid), supervisorctl(conf, "status")
             assert dep.ready(4, 1), dep.status()
-            time.sleep(1)
+            time.sleep(1)  # sampling the state once a second for the 30 s the guide requires
         assert sum(w["restarts"] for w in dep.status()["workers"]) == 0
 
         # stop is warm: an in-flight spark.sleep finishes, then nothing of the fleet is left

@@ -237,7 +237,7 @@ class FakeDaemon:
                 c.sendall(msgpack.packb([1, msgid, {"code": "permission_denied", "message": "no"}, None]))
             else:
                 ok({"stopping": True})
-                time.sleep(0.1)
+                time.sleep(0.1)  # the fake daemon lingers as a stopping sparkd would; nothing waits on it
                 c.close()
 
 
