@@ -6,7 +6,9 @@
  * processing list the moment Redis moves it, and kombu's unacked records follow with the job's next write
  * (outcome_record). Every ~10 ms of draining, and whenever the key runs dry, the batch also carries an LLEN of
  * every consumed key (kombu's priority order): the next key is the highest-priority one that holds messages,
- * round-robin among queues of the same priority.
+ * round-robin among queues of the same priority. Between probes a new batch may go out while one is in flight
+ * (the tick starts half the slots at a time, job_dispatch): the worker runs one half while Redis serves the
+ * other, instead of the two taking turns.
  *
  * The idle wait costs nothing: the LLENs that found every key empty were read on a connection with CLIENT
  * TRACKING redirected to the notify connection, so the next LPUSH to any of those keys arrives there as an
@@ -156,13 +158,17 @@ fetch_send_probe(struct worker *w)
 void
 fetch_kick(struct worker *w)
 {
-	if (w->fetching > 0 || w->fetch_idle)
+	if (w->fetch_idle)
+		return;
+	bool probe = now_mono() >= w->next_probe;
+	/* a batch may join one in flight only while the key is known to hold messages and no probe is due: the
+	 * probe (and with it the choice of key) waits for the batches in flight to come back */
+	if (w->fetching > 0 && (w->batch_dry || w->batch_probe || probe))
 		return;
 	int want = fetch_capacity(w);
 	if (want <= 0)
 		return;
 	const char *key = w->qkeys[w->fast_key];
-	bool probe = now_mono() >= w->next_probe;
 	/* right after a dry key, the probe alone says where to go next */
 	if (!(probe && w->next_probe == 0)) {
 		const char *a[] = {"LMOVE", key, w->proc_key, "RIGHT", "LEFT"};

@@ -18,7 +18,7 @@ import uuid
 
 from celery.result import ResultSet
 
-from engine_util import MetaRecorder, processing_lists
+from engine_util import MetaRecorder, envelope, processing_lists
 from harness import SCALE, pid_alive, t, wait_for
 
 THREADS = ("--pool", "threads")
@@ -404,6 +404,35 @@ def test_idle_process_wakes_for_every_queue_and_priority(spark, celery, redis):
     p = wait_for(lambda: (lambda p: p["processed"] == 3 and p)(process_entry(sd, pid)), t(5),
                  what="3 tasks processed in status")
     assert p["restarts"] == 0, p
+
+
+def test_a_backlog_does_not_starve_the_other_queue(spark, celery, redis):
+    """Draining a backlog of no-ops the process keeps fetch batches in flight back to back (a tick starts half
+    the slots, the next batch joins the one in flight); the probe of every queue, due every ~10 ms, waits for
+    the batches in flight and is still made: a message on `direct` runs long before the `celery` backlog is
+    gone, and every backlog task runs once."""
+    r = redis.client()
+    n = 40000
+    sd = spark(dict(BASE_ENV, SPARK_QUEUES="celery,direct"))
+    sd.start(*THREADS, workers=1, concurrency=8)
+    pid, _ = the_process(sd)
+    app = celery()
+    ids = [str(uuid.uuid4()) for _ in range(n)]
+    staged = "test:staged"
+    for i in range(0, n, 2000):
+        r.lpush(staged, *[json.dumps(envelope(args=[k], task_id=k)) for k in ids[i:i + 2000]])
+    r.rename(staged, "celery")  # the whole backlog at once, as a burst of producers leaves it
+    wait_for(lambda: r.llen("celery") < n - 500, t(15), interval=0.005, what="the backlog draining")
+    direct = app.send_task("spark.noop", args=["direct"], queue="direct")
+    assert direct.get(timeout=t(15)) == "direct"
+    left = r.llen("celery")
+    print(f"backlog left when the direct message had run: {left} of {n}")
+    assert left > 0, "the direct message waited for the whole celery backlog"
+    wait_for(lambda: r.llen("celery") == 0 and process_entry(sd, pid)["processed"] == n + 1, t(60),
+             interval=0.1, what="the backlog drained")
+    b = redis.client(1)
+    assert sum(b.exists(*[f"celery-task-meta-{k}" for k in ids[i:i + 1000]]) for i in range(0, n, 1000)) == n
+    wait_for(lambda: r.llen(processing_key(pid)) == 0, t(5), what="every ack")
 
 
 # ---------------------------------------------------------------------------------------------------------------
