@@ -382,11 +382,14 @@ struct task_events {
 	uint64_t rng;        /* delivery tags */
 	struct sbuf head;    /* the body's fields every event repeats: hostname, utcoffset, pid */
 	struct sbuf mid;     /* the envelope between the body and the routing key */
-	struct sbuf env, chan;
-	struct sbuf batch; /* "[" and the tick's events, comma-separated: one PUBLISH at the end of the tick */
+	struct sbuf env;     /* the envelope up to the end of the body: '{"body": "[' and the tick's events */
+	struct sbuf chan;
+	struct sbuf tmp;  /* a value escaped for JSON, before it is escaped for the body */
+	time_t stamp_sec; /* the second whose digits are in stamp */
+	char stamp[24];
+	size_t stamp_len;
 	int nbatch;
 	const char *batch_type; /* the only event's type while nbatch is 1 */
-	char b64[4096][2];      /* base64 of every 12 bits: two characters per lookup */
 };
 
 struct worker {

@@ -153,3 +153,36 @@ def test_task_events_of_a_burst_each_once_in_order(tmp_path, redis, celery):
     finally:
         assert w.stop() == 0
         log.close()
+
+
+def test_task_events_carry_any_text(tmp_path, redis, celery):
+    """The event body sits unencoded in the envelope's "body" string, so every string of it is escaped twice:
+    quotes, backslashes, control characters and non-ASCII text in the task id, the arguments and the result
+    must reach the receiver as sent, and an argument list over 1,024 bytes is cut as saferepr cuts it."""
+    import json
+
+    app = celery()
+    log = EventLog(app)
+    w = Worker(tmp_path, redis, slots=2, env={"CELERY_WORKER_SEND_TASK_EVENTS": "True"})
+    try:
+        text = 'q"uo\\te \n\ttab \x01 é ☃ 𝄞 </script>'
+        tid = 'id "quoted" \\ back é ☃'
+        r = app.send_task("spark.noop", args=[text], kwargs={"k\"ey": "v\\al"}, task_id=tid)
+        assert r.get(timeout=t(10)) == text
+        long = app.send_task("spark.noop", args=["x" * 3000])
+        assert long.get(timeout=t(10)) == "x" * 3000
+        wait_for(lambda: "task-succeeded" in log.types(tid) and "task-succeeded" in log.types(long.id), t(5),
+                 what="both tasks' events")
+        assert log.types(tid) == ["task-received", "task-started", "task-succeeded"]
+        received, started, succeeded = log.of(tid)
+        assert json.loads(received["args"]) == [text]
+        assert json.loads(received["kwargs"]) == {"k\"ey": "v\\al"}
+        assert received["root_id"] == tid and started["uuid"] == tid
+        assert json.loads(succeeded["result"]) == text
+        cut = log.of(long.id)[0]["args"]
+        assert cut.startswith('["xxx') and cut.endswith("...") and len(cut) == 1024 + 3
+        with log.lock:
+            assert log.state.tasks[tid].state == "SUCCESS"
+    finally:
+        assert w.stop() == 0
+        log.close()
