@@ -1,119 +1,6 @@
-/* Configuration: precedence, aliases, validation messages, units, limits, solo, secrets (DESIGN §5). */
-#include <setjmp.h>
-#include <stdarg.h>
-#include <stddef.h>
-#include <stdint.h>
-#include <cmocka.h>
-
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/stat.h>
-#include <unistd.h>
-
-#include "config.h"
-
-static const char *vars[] = {"SPARK_WORKERS",
-                             "CELERY_WORKER_CONCURRENCY",
-                             "CELERY_WORKER_POOL",
-                             "SPARK_LOGLEVEL",
-                             "CELERY_WORKER_LOGLEVEL",
-                             "CELERY_BROKER_URL",
-                             "AUTOMAGIK_SPARK_CELERY_BROKER_URL",
-                             "CELERY_RESULT_BACKEND",
-                             "AUTOMAGIK_SPARK_CELERY_RESULT_BACKEND",
-                             "DATABASE_URL",
-                             "AUTOMAGIK_SPARK_DATABASE_URL",
-                             "CELERY_WORKER_MAX_TASKS_PER_CHILD",
-                             "CELERY_WORKER_MAX_MEMORY_PER_CHILD",
-                             "CELERY_TASK_TIME_LIMIT",
-                             "CELERY_TASK_SOFT_TIME_LIMIT",
-                             "CELERY_TASK_SERIALIZER",
-                             "CELERY_RESULT_SERIALIZER",
-                             "CELERY_TASK_MAX_RETRIES",
-                             "CELERY_TASK_RETRY_BACKOFF",
-                             "CELERY_TASK_RETRY_BACKOFF_MAX",
-                             "CELERY_TASK_DEFAULT_RETRY_DELAY",
-                             "SPARK_QUEUES",
-                             "SPARK_SOCKET",
-                             "SPARK_LOG_DIR",
-                             "SPARK_PID_FILE",
-                             "AUTOMAGIK_SPARK_ENCRYPTION_KEY",
-                             "AUTOMAGIK_SPARK_HTTP_TIMEOUT",
-                             "SPARK_VISIBILITY_TIMEOUT",
-                             "SPARK_LOG_LINES",
-                             "SPARK_LOG_MAX_BYTES",
-                             "SPARK_LOG_KEEP",
-                             "SPARK_START_TIMEOUT",
-                             "SPARK_DB_POOL_SIZE",
-                             "SPARK_ENV_FILE",
-                             "RUNTIME_DIRECTORY",
-                             "LOGS_DIRECTORY"};
-
-static char tmpdir[] = "/tmp/spark-test-config-XXXXXX";
-static char envpath[512];
-static char oldcwd[4096];
-
-static int
-setup(void **state)
-{
-	(void)state;
-	for (size_t i = 0; i < sizeof vars / sizeof vars[0]; i++)
-		unsetenv(vars[i]);
-	return 0;
-}
-
-static int
-group_setup(void **state)
-{
-	(void)state;
-	if (getcwd(oldcwd, sizeof oldcwd) == NULL || mkdtemp(tmpdir) == NULL || chdir(tmpdir) != 0)
-		return -1;
-	snprintf(envpath, sizeof envpath, "%s/test.env", tmpdir);
-	return 0;
-}
-
-static int
-group_teardown(void **state)
-{
-	(void)state;
-	unlink(envpath);
-	unlink(".env");
-	if (chdir(oldcwd) != 0)
-		return -1;
-	rmdir(tmpdir);
-	return 0;
-}
-
-static void
-write_file(const char *path, const char *text)
-{
-	FILE *f = fopen(path, "w");
-	assert_non_null(f);
-	fputs(text, f);
-	fclose(f);
-}
-
-static int
-load(struct spark_config *cfg, const struct config_override *ov, size_t nov, const char *file, char *err)
-{
-	err[0] = '\0';
-	return config_load(cfg, ov, nov, file, err, 512);
-}
-
-static void
-assert_contains(const char *hay, const char *needle)
-{
-	if (strstr(hay, needle) == NULL)
-		fail_msg("'%s' does not contain '%s'", hay, needle);
-}
-
-static void
-assert_lacks(const char *hay, const char *needle)
-{
-	if (strstr(hay, needle) != NULL)
-		fail_msg("'%s' must not contain '%s'", hay, needle);
-}
+/* Configuration: precedence, aliases, validation messages, units, limits, solo, secrets (DESIGN §5); the socket
+ * path is in test_config_socket.c. */
+#include "config_fixture.h"
 
 static void
 test_defaults(void **state)
@@ -476,24 +363,6 @@ test_export_round_trip(void **state)
 		unsetenv(vars[i]);
 }
 
-static void
-test_default_socket(void **state)
-{
-	(void)state;
-	setenv("RUNTIME_DIRECTORY", "/run/spark:/run/other", 1);
-	char *s = config_default_socket();
-	assert_string_equal(s, "/run/spark/sparkd.sock");
-	free(s);
-	unsetenv("RUNTIME_DIRECTORY");
-	struct spark_config c;
-	char err[512];
-	setenv("SPARK_SOCKET", "/x/y/ctl.sock", 1);
-	assert_int_equal(load(&c, NULL, 0, "", err), 0);
-	assert_string_equal(c.socket_path, "/x/y/ctl.sock");
-	assert_string_equal(c.pid_file, "/x/y/sparkd.pid"); /* the pid file sits next to the socket */
-	config_free(&c);
-}
-
 /* SPARK_MAX_MESSAGE_BYTES (bytes unless a unit says otherwise), SPARK_DEADLETTER_MAX, SPARK_POISON_DELIVERIES */
 static void
 test_poison_limits(void **state)
@@ -540,48 +409,6 @@ test_poison_limits(void **state)
 	unsetenv("SPARK_POISON_DELIVERIES");
 }
 
-/* status, logs and stop: only the socket is read, and a bad env file is a warning that leaves its good lines */
-static void
-test_socket_only_resolution(void **state)
-{
-	(void)state;
-	char warn[512];
-	write_file(".env", "this line is not a variable\nSPARK_SOCKET = /from/file.sock\nCELERY_WORKER_POOL = gevent\n"
-	                   "A B = c\n");
-	char *s = config_socket_resolve(NULL, NULL, warn, sizeof warn);
-	assert_string_equal(s, "/from/file.sock");
-	assert_contains(warn, ".env:1: expected KEY=value");
-	assert_contains(warn, "and 1 more bad line");
-	free(s);
-	/* the same file is refused where the whole configuration is read */
-	struct spark_config c;
-	char err[512];
-	assert_int_equal(load(&c, NULL, 0, NULL, err), -1);
-	assert_contains(err, ".env:1");
-
-	/* the environment wins and the file is not read at all */
-	setenv("SPARK_SOCKET", "/from/env.sock", 1);
-	s = config_socket_resolve(NULL, NULL, warn, sizeof warn);
-	assert_string_equal(s, "/from/env.sock");
-	assert_string_equal(warn, "");
-	free(s);
-	s = config_socket_resolve("/from/flag.sock", NULL, warn, sizeof warn);
-	assert_string_equal(s, "/from/flag.sock");
-	free(s);
-	unsetenv("SPARK_SOCKET");
-
-	/* an env file that cannot be read: a warning, and the default socket */
-	setenv("SPARK_ENV_FILE", "/nonexistent/spark.env", 1);
-	s = config_socket_resolve(NULL, NULL, warn, sizeof warn);
-	char *def = config_default_socket();
-	assert_string_equal(s, def);
-	assert_contains(warn, "/nonexistent/spark.env");
-	free(s);
-	free(def);
-	unsetenv("SPARK_ENV_FILE");
-	unlink(".env");
-}
-
 int
 main(void)
 {
@@ -597,8 +424,6 @@ main(void)
 	    cmocka_unit_test_setup(test_solo_forces_concurrency, setup),
 	    cmocka_unit_test_setup(test_no_password_in_messages, setup),
 	    cmocka_unit_test_setup(test_export_round_trip, setup),
-	    cmocka_unit_test_setup(test_default_socket, setup),
-	    cmocka_unit_test_setup(test_socket_only_resolution, setup),
 	};
 	return cmocka_run_group_tests_name("config", tests, group_setup, group_teardown);
 }
