@@ -14,11 +14,7 @@ those two clients. `peak` is the most run requests held open at once; `area` int
 (area / seconds = mean in flight); `max_lag_ms` is the event loop's worst lateness on a 50 ms tick, and
 `overshoot_ms_*` how late replies left after their delay: both near zero mean the fixture kept up.
 
-The event loop is uvloop's when python3-uvloop is installed (`make bench` installs it), else asyncio's own
-(`--loop asyncio` forces it): at a wave of 1,024 requests asyncio's loop answered 20-60 ms late at p99, about
-as much as the worker's own gap between waves. The loop in use is in /_bench/stats and in the bench's output.
-
-Run: bench/langflow_fixture.py --delay 0.2 [--loop uvloop|asyncio]   (prints "READY <port>" once listening)
+Run: bench/langflow_fixture.py --delay 0.2   (prints "READY <port>" once listening)
 """
 import argparse
 import asyncio
@@ -35,9 +31,8 @@ RUN_PREFIX = "/api/v1/run/"
 
 
 class Counters:
-    def __init__(self, delay, loop="asyncio"):
+    def __init__(self, delay):
         self.delay = delay
-        self.loop = loop
         self.reset()
         self.conns = 0
         self.inflight = 0
@@ -66,7 +61,7 @@ class Counters:
         return {"inflight": self.inflight, "peak": self.peak, "served": self.served, "errors": self.errors,
                 "area": self.area, "conns": self.conns, "conns_peak": self.conns_peak, "delay": self.delay,
                 "max_lag_ms": self.max_lag * 1000, "overshoot_ms_p99": p99 * 1000,
-                "overshoot_ms_max": (ov[-1] if ov else 0.0) * 1000, "pid": os.getpid(), "loop": self.loop}
+                "overshoot_ms_max": (ov[-1] if ov else 0.0) * 1000, "pid": os.getpid()}
 
 
 def reply_for(body):
@@ -141,12 +136,12 @@ async def lag_probe(c):
         c.max_lag = max(c.max_lag, time.monotonic() - t - 0.05)
 
 
-async def serve(delay, port, loop):
-    c = Counters(delay, loop)
+async def serve(delay, port):
+    c = Counters(delay)
     srv = await asyncio.start_server(lambda r, w: handle(c, r, w), "127.0.0.1", port, backlog=4096,
                                      limit=1 << 20)
     asyncio.ensure_future(lag_probe(c))
-    print(f"READY {srv.sockets[0].getsockname()[1]} {loop}", flush=True)
+    print(f"READY {srv.sockets[0].getsockname()[1]}", flush=True)
     async with srv:
         await srv.serve_forever()
 
@@ -156,15 +151,14 @@ async def serve(delay, port, loop):
 class Fixture:
     """The fixture process, started and queried by bench/workflow.py."""
 
-    def __init__(self, delay, loop=None):
-        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--delay", str(delay)]
-                                     + (["--loop", loop] if loop else []), stdout=subprocess.PIPE, text=True)
+    def __init__(self, delay):
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--delay", str(delay)],
+                                     stdout=subprocess.PIPE, text=True)
         line = self._readline(10.0)
         if not line.startswith("READY "):
             self.stop()
             raise RuntimeError(f"fixture did not start: {line!r}")
         self.port = int(line.split()[1])
-        self.loop = line.split()[2] if len(line.split()) > 2 else "asyncio"
         self.url = f"http://127.0.0.1:{self.port}"
 
     def _readline(self, timeout):
@@ -229,23 +223,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--delay", type=float, default=0.2)
     ap.add_argument("--port", type=int, default=0)
-    ap.add_argument("--loop", choices=["uvloop", "asyncio"], help="default: uvloop when installed")
     a = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    loop = a.loop
-    if loop != "asyncio":
-        try:
-            import uvloop
-            uvloop.install()
-            loop = "uvloop"
-        except ImportError:
-            if loop == "uvloop":
-                print("python3-uvloop is not installed", file=sys.stderr)
-                return 2
-            loop = "asyncio"
     try:
-        asyncio.run(serve(a.delay, a.port, loop))
+        asyncio.run(serve(a.delay, a.port))
     except KeyboardInterrupt:
         pass
 

@@ -15,7 +15,7 @@ peak and mean of requests it held open, its loop lag and how late its replies le
 tasks/s = rows completed / (last finished_at - release).
 
 Usage: bench/workflow.py BIN_DIR [--tasks N] [--tasks-slow N] [--runs R] [--only LABEL,...] [--schedules K]
-                         [--base-bin OTHER_BIN_DIR] [--perf PREFIX] [--fixture-loop uvloop|asyncio]
+                         [--base-bin OTHER_BIN_DIR] [--perf PREFIX]
 Per run it also prints the worker's CPU per task (utime + stime from /proc over the rows completed); with
 BENCH_TIMELINE=K the rows claimed and finished in each 1/K s after the release; --perf records each run's workers
 (PERF_CALL_GRAPH=dwarf for callers inside libraries without frame pointers, PERF_FREQ samples per second).
@@ -61,9 +61,8 @@ APP_NAME = {"ours": "spark-worker", "celery": "celery-bench"}
 class Setup:
     """PostgreSQL with the schema applied by `spark-worker --migrate`, a source and a workflow; the fixture."""
 
-    def __init__(self, bindir, tmp, fixture_loop=None):
+    def __init__(self, bindir, tmp):
         from cryptography.fernet import Fernet
-        self.fixture_loop = fixture_loop
         self.key = Fernet.generate_key().decode()
         self.pg = PgServer(os.path.join(tmp, "pg")).start()
         self.fixture = self.db = None
@@ -80,7 +79,7 @@ class Setup:
                              text=True, timeout=120)
         if mig.returncode != 0:
             raise BenchError(f"spark-worker --migrate failed: {mig.stderr.strip()}")
-        self.fixture = Fixture(FAST, self.fixture_loop)
+        self.fixture = Fixture(FAST)
         self.db = self.pg.connect()
         self.source, self.workflow = str(uuid.uuid4()), str(uuid.uuid4())
         with self.db.cursor() as c:
@@ -215,19 +214,17 @@ def perf_start(system, out):
 
 
 def run(bindir, tmp, r, tasks, tasks_slow, runs, only=None, schedules=SCHEDULES, log=print, base_bin=None,
-        perf=None, fixture_loop=None):
+        perf=None):
     raise_nofile()
     bindir = os.path.abspath(bindir)
     configs = [c for c in CONFIGS if not only or c[0] in only]
     # with a base build: its run and ours alternate within each round, so both see the same machine load
     builds = [("before: ", os.path.abspath(base_bin)), ("", bindir)] if base_bin else [("", bindir)]
-    s = Setup(bindir, tmp, fixture_loop)
+    s = Setup(bindir, tmp)
     app = celery_client(r.url(0), r.url(1))
     res = {prefix + c[0]: [] for c in configs for prefix, _ in builds}
     try:
         cap = s.fixture.capacity(CAPACITY_REQUESTS, SLOW)
-        cap["loop"] = s.fixture.loop
-        log(f"fixture event loop: {cap['loop']}")
         log(f"fixture capacity: {cap['ok']}/{cap['requests']} requests answered, peak {cap['peak']} open at once, "
             f"in {cap['secs']:.2f} s at {cap['delay']} s delay (loop lag max {cap['max_lag_ms']:.0f} ms)")
         for i, cfg, (prefix, bd) in ((i, c, b) for i in range(runs) for c in configs for b in builds):
@@ -293,8 +290,7 @@ def report(res, cap, runs, schedules):
              f"{schedules} schedule(s))", "",
              f"Fixture capacity check: {cap['ok']}/{cap['requests']} concurrent requests answered, {cap['peak']} "
              f"open at once, in {cap['secs']:.2f} s at a {cap['delay']:g} s delay (event-loop lag max "
-             f"{cap['max_lag_ms']:.0f} ms, replies late by {cap['overshoot_ms_p99']:.0f} ms at p99; the fixture's "
-             f"event loop: {cap.get('loop', 'asyncio')}).", ""]
+             f"{cap['max_lag_ms']:.0f} ms, replies late by {cap['overshoot_ms_p99']:.0f} ms at p99).", ""]
     lines += table(["configuration", "fixture delay", "tasks", "tasks/s", "in flight (peak)", "in flight (mean)",
                     "worker CPU ms/task",
                     "worker RSS peak (all processes)", "PostgreSQL conns", "Redis conns", "rows completed",
@@ -313,8 +309,6 @@ def main():
     ap.add_argument("--only", default="", help="comma-separated configuration labels")
     ap.add_argument("--schedules", type=int, default=SCHEDULES, help="schedules the tasks go round-robin over")
     ap.add_argument("--base-bin", help="another build's bin dir, run alternately with BIN_DIR in each round")
-    ap.add_argument("--fixture-loop", choices=["uvloop", "asyncio"],
-                    help="the fixture's event loop (default: uvloop when python3-uvloop is installed)")
     ap.add_argument("--perf", metavar="PREFIX", help="perf record the workers of each run into PREFIX.BUILD.RUN (PERF_CALL_GRAPH: fp or dwarf)")
     a = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="spark-bench-")
@@ -322,7 +316,7 @@ def main():
     r = RedisServer(tmp)
     try:
         lines, _ = run(a.bindir, tmp, r, a.tasks, a.tasks_slow, a.runs, [x for x in a.only.split(",") if x],
-                       a.schedules, base_bin=a.base_bin, perf=a.perf, fixture_loop=a.fixture_loop)
+                       a.schedules, base_bin=a.base_bin, perf=a.perf)
     finally:
         r.stop()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,11 +1,10 @@
 #!/bin/sh
-# Install the Debian packages the build, the tests and `make run` need (DESIGN §10), only when missing; python3-uvloop
-# is the benchmark's LangFlow fixture's event loop (bench/langflow_fixture.py).
+# Install the Debian packages the build, the tests and `make run` need (DESIGN §10), only when missing.
 set -eu
 PKGS="build-essential pkg-config libhiredis-dev libpq-dev libmsgpack-dev libcurl4-openssl-dev libevent-dev
 libjansson-dev libjsmn-dev libssl-dev libcmocka-dev clang libclang-rt-14-dev redis-server postgresql python3-celery
 python3-redis python3-msgpack python3-psycopg2 python3-pytest python3-cryptography systemd util-linux supervisor man-db
-groff-base python3-uvloop"
+groff-base"
 missing=""
 for p in $PKGS; do
 	dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"
