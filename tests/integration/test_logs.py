@@ -168,11 +168,16 @@ def test_follow_streams_new_lines_and_filters(two_workers_with_history):
             pass
         errs = first[f_err] + f_err.lines_until(lambda l: "another.unknown.task" in l or bad.id in l, t(10))
         assert all(json.loads(l)["level"].upper() in ("ERROR", "CRITICAL") for l in errs), errs
-        # enough work that both workers log; the worker-1 follower sees only worker 1: everything it printed up to
-        # worker 1's newest line (lines reach a follower in the ring's order)
-        for r in [app.send_task("spark.noop", args=[i]) for i in range(10)]:
+        # work for both workers: two single-slot processes and two sleeps sent together, so the one that takes the
+        # first sleep cannot take the second (noops alone may all go to whichever process is awake); the worker-1
+        # follower sees only worker 1: everything it printed up to worker 1's newest line (lines reach a follower
+        # in the ring's order)
+        start = json.loads(first[f_w1][-1])
+        sleeps = [app.send_task("spark.sleep", args=[2]) for _ in range(2)]
+        for r in sleeps:
             r.get(timeout=t(20))
-        (newest,) = logs_json(sd, "--worker", w1, "-n", "1")
+        newest = wait_for(lambda: (lambda l: l != start and l)(logs_json(sd, "--worker", w1, "-n", "1")[0]), t(10),
+                          what="a line of worker 1 since the follower started")
         w1lines = first[f_w1] + f_w1.lines_until(lambda l: json.loads(l) == newest, t(10))
         assert all(json.loads(l)["worker"] == w1 for l in w1lines), w1lines
         # --follow runs until interrupted, and an interrupt ends it promptly
