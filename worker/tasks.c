@@ -18,8 +18,8 @@ static const struct {
 } task_registry[] = {
     {SPARK_TASK_NOOP, task_noop, false},
     {SPARK_TASK_SLEEP, task_sleep, true},
-    {SPARK_TASK_EXECUTE_WORKFLOW, task_execute_workflow, true},
-    {SPARK_TASK_RUN_TASK, task_run_task, true},
+    {SPARK_TASK_EXECUTE_WORKFLOW, task_execute_workflow, false},
+    {SPARK_TASK_RUN_TASK, task_run_task, false},
 };
 
 task_fn

@@ -176,12 +176,13 @@ wf_call_start(struct wf_job *j)
 static bool
 wf_arg_uuid(struct task_run *run, const char *what, char out[37])
 {
+	/* the workflow tasks are registered without the message's DOM: one UUID is all they read */
 	json_t *own = NULL;
-	json_t *a = json_is_array(run->args) ? json_array_get(run->args, 0) : NULL;
-	if (!a && !run->args && run->arg0_json)
+	json_t *a = NULL;
+	if (run->arg0_json != NULL)
 		a = own = json_loadb(run->arg0_json, run->arg0_len, JSON_DECODE_ANY, NULL);
-	if (!a && json_is_object(run->kwargs))
-		a = json_object_get(run->kwargs, what);
+	else if (run->kwargs_json != NULL && (own = json_loadb(run->kwargs_json, run->kwargs_len, 0, NULL)) != NULL)
+		a = json_object_get(own, what);
 	const char *s = json_string_value(a);
 	bool ok = uuid_valid(s);
 	if (ok)

@@ -33,6 +33,7 @@ struct drv_run {
 	struct drv *d;
 	int i;
 	char task_id[64];
+	char *arg0; /* args[0] as JSON text: what the engine hands a task registered without the message's DOM */
 	int dones;
 	int cancel_reason;
 	struct event *cancel_ev;
@@ -148,8 +149,12 @@ drv_on_start(evutil_socket_t fd, short what, void *arg)
 		run->task_id = r->task_id;
 		run->task_name =
 		    manual ? "spark.run_task" : "automagik_spark.core.tasks.workflow_tasks.execute_workflow";
-		run->args = json_pack("[O]", json_object_get(o, "arg") ? json_object_get(o, "arg") : json_null());
-		run->kwargs = json_object();
+		json_t *arg = json_object_get(o, "arg");
+		r->arg0 = json_dumps(arg ? arg : json_null(), JSON_ENCODE_ANY | JSON_COMPACT);
+		run->arg0_json = r->arg0;
+		run->arg0_len = strlen(r->arg0);
+		run->kwargs_json = "{}";
+		run->kwargs_len = 2;
 		run->retries = (int)json_integer_value(json_object_get(o, "retries"));
 		run->max_retries = d->cfg.max_retries;
 		run->last_attempt = run->retries >= run->max_retries;
@@ -221,8 +226,7 @@ main(int argc, char **argv)
 	event_base_dispatch(d.base);
 	d.p->destroy(d.st);
 	for (int i = 0; i < d.nruns; i++) {
-		json_decref(d.runs[i].run.args);
-		json_decref(d.runs[i].run.kwargs);
+		free(d.runs[i].arg0);
 		if (d.runs[i].cancel_ev)
 			event_free(d.runs[i].cancel_ev);
 	}

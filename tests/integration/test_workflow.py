@@ -430,6 +430,24 @@ def test_run_task_pending_row(db, workers, app, langflow):
     assert wait_result(res) == "FAILURE" and "not found" in str(res.result)
 
 
+def test_ids_by_keyword(db, workers, app, langflow):
+    """execute_workflow(schedule_id=...) and run_task(task_id=...) as Python calls them by keyword: the worker
+    reads the id from kwargs when args is empty (the workflow tasks take no DOM of the message)."""
+    workers()
+    sched = make_schedule(db, langflow, "langflow", "flow-1", params={"value": "by keyword"})
+    value = app.send_task(EXECUTE, kwargs={"schedule_id": sched}).get(timeout=t(20))
+    assert value["status"] == "completed" and value["schedule_id"] == sched
+    assert langflow.runs()[0].json()["input_value"] == "by keyword"
+    wf = pgserver.seed_workflow(db.conn, source_row(db, langflow.url, "langflow"), "flow-1")
+    tid = pgserver.seed_pending_task(db.conn, wf, "manual by keyword")
+    value = app.send_task(RUN_TASK, kwargs={"task_id": tid}).get(timeout=t(20))
+    assert value["id"] == tid and value["status"] == "completed"
+    res = app.send_task(EXECUTE, kwargs={"schedule_id": "not-a-uuid"})
+    assert wait_result(res) == "FAILURE" and "schedule_id must be a UUID string" in str(res.result)
+    res = app.send_task(EXECUTE, kwargs={"other": sched})
+    assert wait_result(res) == "FAILURE" and "schedule_id must be a UUID string" in str(res.result)
+
+
 def test_connection_refused_is_retried(db, workers, app):
     """Needs the engine's retries."""
     workers()

@@ -41,8 +41,12 @@ test_lookup(void **state)
 	assert_false(dom);
 	assert_ptr_equal(task_lookup("spark.sleep", &dom), task_sleep);
 	assert_true(dom);
+	/* the workflow tasks read one UUID from the raw spans: no DOM of the message */
 	assert_non_null(task_lookup("automagik_spark.core.tasks.workflow_tasks.execute_workflow", &dom));
-	assert_true(dom);
+	assert_false(dom);
+	dom = true;
+	assert_non_null(task_lookup("spark.run_task", &dom));
+	assert_false(dom);
 	assert_null(task_lookup("spark.nope", &dom));
 	assert_null(task_lookup(NULL, &dom));
 }
