@@ -83,12 +83,12 @@ wf_claim_one_time_taken(const struct wf_job *j)
 	return false;
 }
 
-/* The schedule (tuple r of statement 0: id, workflow_id, schedule_type, status, params, input_data; -1: none)
+/* The schedule (tuple r of statement at: id, workflow_id, schedule_type, status, params, input_data; -1: none)
  * says what to run. */
 void
-wf_claim_schedule(struct wf_job *j, const struct pg_unit *u, int r)
+wf_claim_schedule(struct wf_job *j, const struct pg_unit *u, int at, int r)
 {
-	const char *status = r >= 0 ? pg_value(u, 0, r, 3) : NULL;
+	const char *status = r >= 0 ? pg_value(u, at, r, 3) : NULL;
 	bool taken = r >= 0 && wf_claim_one_time_taken(j);
 	if (r < 0 || taken || (status && strcmp(status, "completed") == 0)) {
 		log_info("task %s: schedule %s is %s: nothing to run", j->run->task_id, j->schedule_id,
@@ -96,18 +96,18 @@ wf_claim_schedule(struct wf_job *j, const struct pg_unit *u, int r)
 		j->act = WF_ACT_NOTHING;
 		return;
 	}
-	const char *v = pg_value(u, 0, r, 1);
+	const char *v = pg_value(u, at, r, 1);
 	spark_strlcpy(j->workflow_id, v ? v : "", sizeof(j->workflow_id));
-	v = pg_value(u, 0, r, 2);
+	v = pg_value(u, at, r, 2);
 	j->one_time = v && strcmp(v, "one-time") == 0;
 	/* input: params["value"], else input_data, else "Hello World" (empty counts as absent, as in Python) */
-	v = pg_value(u, 0, r, 4);
+	v = pg_value(u, at, r, 4);
 	json_t *params = v ? json_loads(v, JSON_DECODE_ANY, NULL) : NULL;
 	json_t *value = json_is_object(params) ? json_object_get(params, "value") : NULL;
 	free(j->input);
 	j->input = value ? wf_input_text(value) : xstrdup("");
 	json_decref(params);
-	if (!*j->input && (v = pg_value(u, 0, r, 5))) {
+	if (!*j->input && (v = pg_value(u, at, r, 5))) {
 		free(j->input);
 		j->input = xstrdup(v);
 	}

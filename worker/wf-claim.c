@@ -1,10 +1,11 @@
 /*
  * The claim, grouped: runs that want their task row wait in st->claimq, and one claim transaction takes them
- * all (up to WF_CLAIM_MAX) on one connection, in at most three round trips whatever their number:
+ * all (up to WF_CLAIM_MAX) on one connection, in two round trips whatever their number:
  *
- *   1. BEGIN; their task rows FOR UPDATE (one statement)
- *   2. only when some run has no row yet: their schedules FOR UPDATE (one statement)
- *   3. per run its writes (the row running again and its log line, or the new row and its log line, with the
+ *   1. BEGIN; their task rows FOR UPDATE, and the schedules of the scheduled runs FOR UPDATE (two statements;
+ *      a run whose row exists does not need its schedule, but asking for it only once the rows are known cost
+ *      a third round trip, about a third of every claim, for the rare redelivery)
+ *   2. per run its writes (the row running again and its log line, or the new row and its log line, with the
  *      one-time schedule completed), one workers-row update listing them all, COMMIT; then the workflows and
  *      sources they call (one read, after the COMMIT: a read that fails never undoes a claim)
  *
@@ -31,16 +32,16 @@
 #include "util.h"
 #include "wf.h"
 
-enum { CLAIM_ROWS = 1, CLAIM_SCHEDULES, CLAIM_WRITE };
+enum { CLAIM_ROWS = 1, CLAIM_WRITE };
 
 struct wf_claim {
 	struct wf_batch b; /* in st->claims */
 	bool solo;         /* given one run at creation (after a failed batch): takes nothing from the queue */
 	int phase;
+	int sched_at;                               /* the schedules' statement in the first step (-1: not sent) */
 	int insert_at, logs_at, commit_at, load_at; /* statement indexes in the write step (-1: not sent) */
 };
 
-static void wf_claim_kick(struct wf_state *st);
 static void wf_claim_step(struct pg_unit *u);
 
 /* ---- batches ---- */
@@ -104,20 +105,30 @@ wf_claim_drain(struct wf_claim *c, struct wf_jobq *out)
 	c->b.njobs = 0;
 }
 
-/* A PostgreSQL array literal of the batch's row ids, or of the schedule ids of runs without a row, or of the
- * workflows of the runs claimed. Built by hand: every id is a checked UUID (36 characters). */
+static bool
+wf_claim_act_claims(enum wf_claim_act a)
+{
+	return a == WF_ACT_RESTART || a == WF_ACT_INSERT;
+}
+
+/* The ids a statement of the claim asks for. */
+enum wf_claim_ids {
+	IDS_ROWS,      /* every run's row */
+	IDS_SCHEDULED, /* every scheduled run's schedule */
+	IDS_WORKFLOWS, /* the workflows of the runs claimed */
+};
+
+/* A PostgreSQL array literal of ids. Built by hand: every id is a checked UUID (36 characters; a run without a
+ * schedule has none). */
 static char *
-wf_claim_ids(const struct wf_claim *c, enum wf_claim_act want)
+wf_claim_ids(const struct wf_claim *c, enum wf_claim_ids want)
 {
 	size_t cap = 3 + (size_t)c->b.njobs * 37, len = 0;
 	char *s = xmalloc(cap);
 	s[len++] = '{';
 	for (const struct wf_job *j = TAILQ_FIRST(&c->b.jobs); j; j = TAILQ_NEXT(j, qentry)) {
-		const char *id = want == WF_ACT_ROW        ? j->row
-		                 : want == WF_ACT_SCHEDULE ? j->schedule_id
-		                                           : j->workflow_id;
-		bool take = want == WF_ACT_ROW || j->act == want ||
-		            (want == WF_ACT_RESTART && j->act == WF_ACT_INSERT); /* the workflows of both */
+		const char *id = want == IDS_ROWS ? j->row : want == IDS_WORKFLOWS ? j->workflow_id : j->schedule_id;
+		bool take = want != IDS_WORKFLOWS || wf_claim_act_claims(j->act);
 		if (!take || strlen(id) != 36)
 			continue;
 		if (len > 1)
@@ -130,15 +141,10 @@ wf_claim_ids(const struct wf_claim *c, enum wf_claim_act want)
 	return s;
 }
 
-static bool
-wf_claim_act_claims(enum wf_claim_act a)
-{
-	return a == WF_ACT_RESTART || a == WF_ACT_INSERT;
-}
-
 /* ---- the steps ---- */
 
 static void wf_claim_send_writes(struct wf_claim *c);
+static void wf_claim_schedules_read(struct wf_claim *c, int at);
 
 static void
 wf_claim_send_rows(struct pg_unit *u)
@@ -157,13 +163,26 @@ wf_claim_send_rows(struct pg_unit *u)
 		return;
 	}
 	c->phase = CLAIM_ROWS;
-	char *ids = wf_claim_ids(c, WF_ACT_ROW);
+	char *ids = wf_claim_ids(c, IDS_ROWS);
 	const char *p[] = {ids};
 	pg_send(u, "BEGIN", 0, NULL);
 	pg_send(u,
 	        "SELECT id::text, status, error, workflow_id::text, input_data::text, COALESCE(tries, 0), (" WF_ROW_JSON
 	        ")::text FROM tasks WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE",
 	        1, p);
+	free(ids);
+	/* the schedules, locked in id order as the rows are */
+	c->sched_at = -1;
+	ids = wf_claim_ids(c, IDS_SCHEDULED);
+	if (strcmp(ids, "{}") != 0) {
+		const char *sp[] = {ids};
+		c->sched_at = 2;
+		pg_send(
+		    u,
+		    "SELECT id::text, workflow_id::text, schedule_type, status, params::text, input_data FROM schedules"
+		    " WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE",
+		    1, sp);
+	}
 	free(ids);
 	pg_sync(u);
 }
@@ -194,31 +213,25 @@ wf_claim_rows_read(struct wf_claim *c)
 		wf_claim_send_writes(c);
 		return;
 	}
-	c->phase = CLAIM_SCHEDULES;
-	char *ids = wf_claim_ids(c, WF_ACT_SCHEDULE);
-	const char *p[] = {ids};
-	pg_send(u,
-	        "SELECT id::text, workflow_id::text, schedule_type, status, params::text, input_data FROM schedules"
-	        " WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE",
-	        1, p);
-	free(ids);
-	pg_sync(u);
+	/* read with the rows (every run without a row is a scheduled one: a manual run's row must exist) */
+	wf_claim_schedules_read(c, c->sched_at);
 }
 
+/* The schedules the runs without a row start from: statement at of the step. */
 static void
-wf_claim_schedules_read(struct wf_claim *c)
+wf_claim_schedules_read(struct wf_claim *c, int at)
 {
 	struct pg_unit *u = &c->b.unit;
 	for (struct wf_job *j = TAILQ_FIRST(&c->b.jobs); j; j = TAILQ_NEXT(j, qentry)) {
 		if (j->act != WF_ACT_SCHEDULE)
 			continue;
-		int r, n = pg_ntuples(u, 0);
+		int r, n = pg_ntuples(u, at);
 		for (r = 0; r < n; r++) {
-			const char *id = pg_value(u, 0, r, 0);
+			const char *id = pg_value(u, at, r, 0);
 			if (id && strcasecmp(id, j->schedule_id) == 0)
 				break;
 		}
-		wf_claim_schedule(j, u, r < n ? r : -1);
+		wf_claim_schedule(j, u, at, r < n ? r : -1);
 	}
 	wf_claim_send_writes(c);
 }
@@ -312,7 +325,7 @@ wf_claim_send_writes(struct wf_claim *c)
 	pg_send(u, "COMMIT", 0, NULL);
 	c->load_at = -1;
 	if (own) {
-		char *ids = wf_claim_ids(c, WF_ACT_RESTART);
+		char *ids = wf_claim_ids(c, IDS_WORKFLOWS);
 		const char *p[] = {ids};
 		c->load_at = n;
 		pg_send(u,
@@ -332,9 +345,7 @@ static const char *
 wf_claim_what(const struct wf_claim *c, const struct wf_job *j, int failed_at)
 {
 	if (c->phase == CLAIM_ROWS)
-		return "reading the task row";
-	if (c->phase == CLAIM_SCHEDULES)
-		return "reading the schedule";
+		return failed_at == c->sched_at ? "reading the schedule" : "reading the task row";
 	if (c->phase != CLAIM_WRITE)
 		return "claiming the task row";
 	switch (j->act) {
@@ -457,6 +468,7 @@ wf_claim_written(struct wf_claim *c)
 		}
 	}
 	wf_claim_kick(st);
+	wf_rec_kick(st); /* its share may have grown */
 }
 
 static void
@@ -467,22 +479,21 @@ wf_claim_step(struct pg_unit *u)
 	if (!u->ok && c->phase != CLAIM_WRITE) {
 		wf_claim_failed(c);
 		wf_claim_kick(st);
+		wf_rec_kick(st);
 		return;
 	}
 	if (c->phase == CLAIM_ROWS)
 		wf_claim_rows_read(c);
-	else if (c->phase == CLAIM_SCHEDULES)
-		wf_claim_schedules_read(c);
 	else
 		wf_claim_written(c);
 }
 
-/* A batch waits for a connection while fewer than half the pool's connections hold claims (the records have
- * the other half); the one waiting takes every run queued by the time it gets its connection. */
-static void
+/* A batch waits for a connection while the claims hold fewer than wf_batch_most allows; the one waiting takes
+ * every run queued by the time it gets its connection. */
+void
 wf_claim_kick(struct wf_state *st)
 {
-	int most = st->pool.size > 1 ? st->pool.size / 2 : 1;
+	int most = wf_batch_most(st, &st->recs, &st->recq);
 	if (st->claims.waiting || TAILQ_EMPTY(&st->claimq) || st->claims.n >= most)
 		return;
 	struct wf_claim *c = wf_claim_new(st, true);

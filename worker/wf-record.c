@@ -2,8 +2,8 @@
  * The end of an attempt: its row transition, task_logs line and workers-row update, committed before the
  * outcome goes to the engine.
  *
- * Group commit: attempts that end wait in st->recq; the next batch takes them all (up to WF_BATCH_MAX, and up
- * to half the pool's connections hold batches at once) as one transaction on one connection: BEGIN, one UPDATE of all
+ * Group commit: attempts that end wait in st->recq; the next batch takes them all (up to WF_BATCH_MAX, on as
+ * many connections at once as wf_batch_most allows) as one transaction on one connection: BEGIN, one UPDATE of all
  * their rows and one INSERT of all their log lines (each reads the batch from a JSON parameter with json_to_recordset:
  * one statement per attempt cost the server a parse and a plan each, three times the work of the rows), one workers-row
  * update, COMMIT, pipelined in one round trip (synchronous_commit as the server sets it, so one WAL flush serves the
@@ -20,8 +20,6 @@
 #include "store.h"
 #include "util.h"
 #include "wf.h"
-
-static void wf_rec_kick(struct wf_state *st);
 
 /* Up to WF_BATCH_MAX queued attempts join the batch. */
 static void
@@ -343,14 +341,15 @@ wf_rec_batch_done(struct pg_unit *u)
 		}
 	}
 	wf_rec_kick(st);
+	wf_claim_kick(st); /* its share may have grown */
 }
 
-/* Half the pool's connections may hold group commits at once (the claims have the other half): the rows of
- * a thousand calls ending together are written on two connections, not queued behind one. */
-static void
+/* Group commits on up to wf_batch_most connections at once: the rows of a thousand calls ending together are
+ * written on several connections, not queued behind one. */
+void
 wf_rec_kick(struct wf_state *st)
 {
-	if (st->recs.waiting || TAILQ_EMPTY(&st->recq) || st->recs.n >= (st->pool.size > 1 ? st->pool.size / 2 : 1))
+	if (st->recs.waiting || TAILQ_EMPTY(&st->recq) || st->recs.n >= wf_batch_most(st, &st->claims, &st->claimq))
 		return;
 	struct wf_batch *b = xcalloc(1, sizeof(*b));
 	wf_batch_add(st, &st->recs, b, true);

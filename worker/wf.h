@@ -209,6 +209,10 @@ int wf_migrate(const struct spark_config *cfg);
 void wf_batch_add(struct wf_state *st, struct wf_batches *set, struct wf_batch *b, bool waiting);
 void wf_batch_attached(struct wf_batch *b); /* it has its connection: no longer the one waiting */
 void wf_batch_free(struct wf_batch *b);
+/* How many connections one kind of batch may hold, given the other kind's batches and queue. */
+int wf_batch_most(const struct wf_state *st, const struct wf_batches *other, const struct wf_jobq *other_q);
+void wf_claim_kick(struct wf_state *st);
+void wf_rec_kick(struct wf_state *st);
 void wf_set_current(struct wf_job *j, bool on); /* in or out of the workers row's current_tasks */
 void wf_batches_free(struct wf_batches *set);
 
@@ -229,7 +233,7 @@ void wf_claim_start(struct wf_job *j); /* after the schema check */
 void wf_claim_existing(struct wf_job *j, const struct pg_unit *u, int r);
 /* from its schedule: tuple r of statement 0 (id, workflow_id, schedule_type, status, params, input_data), -1:
  * none; j is in its claim's list, after the runs decided before it */
-void wf_claim_schedule(struct wf_job *j, const struct pg_unit *u, int r);
+void wf_claim_schedule(struct wf_job *j, const struct pg_unit *u, int at, int r);
 void wf_claim_refuse(struct wf_job *j, char *msg); /* not run: msg (taken) says why */
 void wf_claim_answer(struct wf_job *j);            /* the result of a run not started; ends it */
 
