@@ -345,7 +345,7 @@ static const char *
 wf_claim_what(const struct wf_claim *c, const struct wf_job *j, int failed_at)
 {
 	if (c->phase == CLAIM_ROWS)
-		return failed_at == c->sched_at ? "reading the schedule" : "reading the task row";
+		return c->sched_at >= 0 && failed_at == c->sched_at ? "reading the schedule" : "reading the task row";
 	if (c->phase != CLAIM_WRITE)
 		return "claiming the task row";
 	switch (j->act) {

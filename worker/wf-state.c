@@ -177,7 +177,7 @@ wf_batch_free(struct wf_batch *b)
  * Half the pool while the other kind has work, so that neither waits behind the other (the rows of a thousand
  * calls ending together are written while the next thousand are claimed); all connections but one while it has
  * none (the first wave's claims, with nothing to record yet, took twice as long on half the pool). The other
- * kind's next batch then waits for one of ours to end, a round trip or three.
+ * kind's next batch then waits for one of ours to end (a record's one round trip, a claim's two).
  */
 int
 wf_batch_most(const struct wf_state *st, const struct wf_batches *other, const struct wf_jobq *other_q)
